@@ -149,6 +149,8 @@ class MPO:
     singular_values: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not self.cores:
+            raise ValueError("an MPO needs at least one core")
         shapes = [tuple(c.shape[-4:]) for c in self.cores]
         if any(c.dim() < 4 for c in self.cores):
             raise ValueError(f"MPO cores must be (..., d_prev, i, j, d_next); got shapes "
@@ -231,7 +233,7 @@ def _bond_limits(max_bond: BondSpec, n: int) -> list[Optional[int]]:
 def _rank_to_keep(s: torch.Tensor, limit: Optional[int], delta: Optional[float]) -> int:
     """Smallest rank r with discarded norm <= delta, capped by limit (at least 1)."""
     rank = s.numel()
-    if delta is not None and delta > 0:
+    if delta is not None:
         # tail[r] = ||s[r:]||, the error of keeping r values.
         tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(s.square(), [0]), 0), [0]))
         ok = torch.nonzero(tail <= delta)
@@ -330,7 +332,7 @@ def decompose(weight_IJ: torch.Tensor,
         bond = r
     cores[centre] = rest.reshape(left_bond, in_factors[centre], out_factors[centre], bond)
 
-    return MPO(cores=[c.to(out_dtype) for c in cores],
+    return MPO(cores=[c.to(out_dtype).contiguous() for c in cores],
                central_index=centre,
                error_bound=math.sqrt(discarded_sq),
                singular_values=[s.to(out_dtype) for s in spectra])
