@@ -61,8 +61,8 @@ class MPOExpert(nn.Module):
     def __init__(self, up_aux: list[torch.Tensor], down_aux: list[torch.Tensor], up_bias: torch.Tensor,
                  down_bias: torch.Tensor) -> None:
         super().__init__()
-        self.up_aux = nn.ParameterList([nn.Parameter(c.detach().clone()) for c in up_aux])
-        self.down_aux = nn.ParameterList([nn.Parameter(c.detach().clone()) for c in down_aux])
+        self.up_aux = nn.ParameterList([nn.Parameter(c.detach().clone().contiguous()) for c in up_aux])
+        self.down_aux = nn.ParameterList([nn.Parameter(c.detach().clone().contiguous()) for c in down_aux])
         self.up_bias = nn.Parameter(up_bias.detach().clone())
         self.down_bias = nn.Parameter(down_bias.detach().clone())
 

@@ -1,0 +1,81 @@
+"""DeepSpeed engine setup for models with MPOE layers.
+
+Owns: validating a ds_config against the model before DeepSpeed sees it (with
+errors that name the fix), and ``deepspeed.initialize`` with the MoE-aware
+parameter groups from :mod:`mpomoe_ds.params`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from . import parallel
+from .moe_layer import moe_layers
+from .params import optimizer_param_groups
+
+
+class DeepSpeedConfigError(ValueError):
+    """The ds_config cannot work with this model; the message names the fix."""
+
+
+def load_ds_config(config: Union[str, Path, dict]) -> dict[str, Any]:
+    if isinstance(config, dict):
+        return dict(config)
+    path = Path(config)
+    if not path.is_file():
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} does not exist; see ds_configs/ for ready ones")
+    return json.loads(path.read_text())
+
+
+def validate_ds_config(ds_config: dict[str, Any], model: nn.Module) -> None:
+    """Refuse settings DeepSpeed's native MoE cannot run, before the engine does."""
+    layers = list(moe_layers(model))
+    if not layers:
+        return
+    zero = ds_config.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    if stage == 3:
+        raise DeepSpeedConfigError(
+            "ZeRO stage 3 is not supported with MoE layers: DeepSpeed's engine refuses native MoE under "
+            "ZeRO-3 (expert parameters cannot be partitioned that way). Use zero_optimization.stage 1 or 2 "
+            "(e.g. ds_configs/zero2_bf16.json): stage 1/2 partition the optimizer state of both the dense "
+            "and the expert parameters.")
+    offload = zero.get("offload_optimizer") or {}
+    if stage == 2 and offload.get("device", "none") not in (None, "none"):
+        raise DeepSpeedConfigError(
+            "ZeRO-2 optimizer offload with MoE layers crashes in DeepSpeed 0.19 (DeepSpeedCPUAdam with expert "
+            "parameter groups); remove zero_optimization.offload_optimizer or use stage 1")
+    for name, layer in layers:
+        parallel.check_ep_size(layer.ep_size, layer.num_experts)
+
+
+def initialize(model: nn.Module, ds_config: Union[str, Path, dict], *, lr: Optional[float] = None,
+               weight_decay: float = 0.0, optimizer: Optional[torch.optim.Optimizer] = None,
+               lr_scheduler: Any = None):
+    """``deepspeed.initialize`` with validation and MoE parameter groups.
+
+    If the ds_config has no "optimizer" block and no optimizer is given, an
+    AdamW over :func:`optimizer_param_groups` is created with ``lr``.
+    Returns the DeepSpeed engine.
+    """
+    import deepspeed
+
+    config = load_ds_config(ds_config)
+    validate_ds_config(config, model)
+    groups = optimizer_param_groups(model, weight_decay)
+    if optimizer is None and "optimizer" not in config:
+        if lr is None:
+            raise DeepSpeedConfigError("no optimizer: give lr (an AdamW is built) or an 'optimizer' block in "
+                                       "the ds_config")
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model,
+                                           model_parameters=groups if optimizer is None else None,
+                                           optimizer=optimizer,
+                                           lr_scheduler=lr_scheduler,
+                                           config=config)
+    return engine
