@@ -79,3 +79,42 @@ def initialize(model: nn.Module, ds_config: Union[str, Path, dict], *, lr: Optio
                                            lr_scheduler=lr_scheduler,
                                            config=config)
     return engine
+
+
+def global_grad_norm(model: nn.Module, ep_group: Optional[parallel.ProcessGroup]) -> torch.Tensor:
+    """The true L2 norm of all gradients, as one process holding every expert would compute it.
+
+    Assumes dense gradients are already averaged over data parallelism (they
+    are identical on every rank) and expert gradients over the expert-data-
+    parallel group. Each expert then lives on exactly one rank of the
+    expert-parallel group, so its squared norm is summed over that group once.
+    DeepSpeed 0.19's fp32 ZeRO-0 clip instead averages per-rank norms.
+    """
+    from .params import parameter_kind
+
+    dense_sq = torch.zeros((), dtype=torch.float64)
+    expert_sq = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if parameter_kind(p) == "expert":
+            expert_sq += sq
+        else:
+            dense_sq += sq
+    if ep_group is not None and parallel.group_size(ep_group) > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(expert_sq, group=ep_group)
+    return (dense_sq + expert_sq).sqrt()
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, ep_group: Optional[parallel.ProcessGroup]) -> float:
+    """Scale gradients in place so their global norm is at most ``max_norm``; returns the norm before."""
+    norm = float(global_grad_norm(model, ep_group))
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.detach().mul_(coef)
+    return norm

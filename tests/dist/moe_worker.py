@@ -22,7 +22,7 @@ from deepspeed.utils import safe_get_full_grad
 from torch import nn
 
 from mpomoe_ds.config import MoEConfig, MPOConfig
-from mpomoe_ds.engine import initialize
+from mpomoe_ds.engine import global_grad_norm, initialize
 from mpomoe_ds.moe_layer import MPOEMoE, set_moe_step
 from mpomoe_ds.params import optimizer_param_groups
 
@@ -111,6 +111,11 @@ def main() -> None:
 
         ref_loss = 0.5 * (reference(x[:BATCH], y[:BATCH]) + reference(x[BATCH:], y[BATCH:]))
         ref_loss.backward()
+
+        if args.zero == 0:  # ZeRO 0 leaves reduced gradients in param.grad
+            norm = float(global_grad_norm(engine.module, engine.module.moe.ep_group))
+            ref_norm = float(torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]))
+            result.setdefault("grad_norm_rel_diff", []).append(abs(norm - ref_norm) / ref_norm)
 
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
