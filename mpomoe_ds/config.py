@@ -358,7 +358,7 @@ class TrainConfig:
     (None = the whole validation split). progress_bar / tensorboard: rank-0 output.
     """
 
-    max_steps: int = 300
+    max_steps: int = 150
     log_every: int = 20
     eval_every: int = 0
     eval_at_start: bool = True
