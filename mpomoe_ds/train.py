@@ -339,10 +339,17 @@ class Trainer:
     def _build_omoe(self):
         if not self.config.omoe.enabled:
             return None
-        from .omoe import OrthogonalExpertOptimizer
+        from .omoe import OrthogonalExpertOptimizer, check_update_mode_supported
 
-        return OrthogonalExpertOptimizer(self.model, self.config.omoe, ep_group=self.ep_group,
+        if self.config.omoe.projection == "update":
+            check_update_mode_supported(self.engine)
+        omoe = OrthogonalExpertOptimizer(self.model, self.config.omoe, ep_group=self.ep_group,
                                          expert_dp_group=parallel.expert_data_parallel_group(self.config.moe.ep_size))
+        cost = omoe.cost(micro_batches=self.engine.gradient_accumulation_steps())
+        logger.info(f"OMoE: projectors {cost.projector_bytes / 2**20:.1f} MiB, {cost.orth_step_macs / 1e9:.2f} GMAC "
+                    f"per orthogonal step, {cost.collectives_per_cycle} all-reduce(s) of "
+                    f"{cost.comm_bytes_per_cycle / 2**20:.1f} MiB per {self.config.omoe.cycle_steps}-step cycle")
+        return omoe
 
     def _maybe_resume(self) -> int:
         if not self.resume:
@@ -489,6 +496,8 @@ class Trainer:
                    "eval": {k: v for k, v in final.items() if k != "diversity"},
                    "diversity": final.get("diversity", {}),
                    "untrained_eval": {k: v for k, v in baseline.items() if k != "diversity"},
+                   "untrained_diversity": baseline.get("diversity", {}),
+                   "omoe": self.omoe.stats() if self.omoe is not None else None,
                    "parameters": self.report.as_dict()["params_after"] if hasattr(self.report, "as_dict") else {}}
         checkpoint.atomic_write_json(self.output_dir / "metrics.json", metrics)
         self.monitor.log(format_results(metrics))

@@ -116,6 +116,21 @@ def test_single_process_training_lowers_loss_and_beats_chance(tmp_path):
     assert accuracy > metrics["untrained_eval"]["toy_sentiment"]["accuracy"]
 
 
+def test_omoe_from_the_config_runs_its_phases_and_resumes(tmp_path):
+    from mpomoe_ds.train import main
+
+    out = tmp_path / "omoe"
+    config = tiny_run_config(out, max_steps=5, save_every=3, diversity_tokens=0)
+    config["omoe"] = {"enabled": True, "acc_steps": 2, "orth_steps": 2, "matrices": ["up", "down"]}
+    config["moe"]["ep_size"] = 1
+    run, ds = write_configs(tmp_path, config)
+    metrics = main(["--config", str(run), "--deepspeed_config", str(ds)])
+    assert metrics["omoe"]["omoe/phase_changes"] >= 1  # steps 2-3 ran in the orthogonal phase
+    assert (out / "checkpoints" / "step5" / "mpomoe_rank0_state.pt").is_file()
+    resumed = main(["--config", str(run), "--deepspeed_config", str(ds), "--resume", "train.max_steps=6"])
+    assert resumed["step"] == 6
+
+
 def _expect_early_error(tmp_path: Path, mutate, match: str) -> None:
     from mpomoe_ds.train import main
 
