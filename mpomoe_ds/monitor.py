@@ -4,7 +4,8 @@ Owns the rank-0 gate for output. Every other rank gets a monitor whose
 methods do nothing, so callers never branch on the rank.
 
 TensorBoard tags:
-    train/loss, train/task_loss/<task>, train/aux_loss, train/lr, train/tokens_per_s,
+    train/loss, train/task_loss/<task>, train/aux_loss (summed over MoE layers; 1.0 per layer is
+    perfect balance), train/lr, train/tokens_per_s,
     train/grad_norm, moe/layer<i>/load (histogram of tokens per expert),
     moe/layer<i>/load_max_over_mean, moe/mask_keep_ratio,
     eval/<task>/<metric>, eval/<task>/loss, diversity/layer<i>/cosine, diversity/layer<i>/cka,

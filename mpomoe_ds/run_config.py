@@ -31,10 +31,7 @@ from .omoe import OMoEConfig
 
 def _default_moe() -> MoEConfig:
     # ep_size 0: as many expert-parallel ranks as processes (up to num_experts), resolved at start-up.
-    # aux_loss_coef 0.1: with upcycled (identical) experts the straight-through router otherwise
-    # learns to send most tokens to one expert within a few dozen steps.
-    return MoEConfig(num_experts=4, ep_size=0, k=1, layers="every_other", expert_init="perturb", init_noise=0.01,
-                     aux_loss_coef=0.1)
+    return MoEConfig(num_experts=4, ep_size=0, k=1, layers="every_other", expert_init="perturb", init_noise=0.01)
 
 
 @dataclass

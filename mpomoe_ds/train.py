@@ -457,8 +457,10 @@ class Trainer:
         self.monitor.scalars(scalars, step)
         if counts is not None:
             self.monitor.expert_load(counts, step)
+        per_layer = stats["aux_loss"] / max(len(self.moe_layers), 1)
         self.monitor.log(f"step {step}/{self.config.train.max_steps} loss {stats['loss']:.4f} "
-                         f"aux {stats['aux_loss']:.4f} lr {lr:.3g} tokens/s {scalars['train/tokens_per_s']:.0f}")
+                         f"balance loss/layer {per_layer:.3f} (1 = balanced) lr {lr:.3g} "
+                         f"tokens/s {scalars['train/tokens_per_s']:.0f}")
 
     def run(self) -> dict[str, Any]:
         self.setup()
