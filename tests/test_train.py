@@ -12,25 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, dist_env, free_port
-
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-TINY_DS = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-           "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
-
-
-def tiny_run_config(output_dir: Path, **train) -> dict:
-    return {
-        "model": {"name_or_path": "minilm", "random_init": True, "config_overrides": TINY_BERT},
-        "moe": {"num_experts": 4, "ep_size": 0, "k": 1, "expert_init": "perturb"},
-        "data": {"builtin": "toy_glue", "max_seq_len": 32,
-                 "tasks": [{"name": "toy_sentiment", "max_train_examples": 256, "max_eval_examples": 48},
-                           {"name": "toy_topic", "max_train_examples": 256, "max_eval_examples": 48}]},
-        "optim": {"lr": 1e-3, "schedule": "constant"},
-        "train": {"max_steps": 6, "log_every": 2, "eval_at_start": False, "output_dir": str(output_dir),
-                  "diversity_tokens": 64, "progress_bar": False, **train},
-    }
-
+from conftest import ROOT, TINY_DS, dist_env, free_port, tiny_run_config
 
 def write_configs(tmp_path: Path, run: dict, ds: dict = TINY_DS) -> tuple[Path, Path]:
     run_path, ds_path = tmp_path / "run.yaml", tmp_path / "ds.json"
