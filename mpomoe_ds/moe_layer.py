@@ -2,6 +2,13 @@
 
 Forward reads: route -> dispatch -> expert compute -> combine.
 
+Expert compute rebuilds MPO expert weights only for experts that received a
+token from some rank (one MAX all-reduce of the route counts over the
+expert-parallel group decides, identically on every rank), and, when the
+training loop reports micro-batch positions (:meth:`MPOEMoE.set_micro_batch`,
+:func:`set_moe_micro_batch`), once per optimizer step instead of once per
+micro-batch. Both keep gradients exact; see :mod:`mpomoe_ds.experts`.
+
 Shape legend: T tokens, D hidden, F FFN size, E global experts, L local experts.
 
 Naming conventions:
@@ -91,14 +98,31 @@ class MoEBlock(nn.Module):
                                f"{parallel.group_size(ep_group)}")
         self.dispatcher.ep_group = ep_group
 
+    def _active_local_experts(self, routed_E: torch.Tensor) -> Optional[torch.Tensor]:
+        """Local experts that got a token from any rank, or None when every expert of the group did.
+
+        One MAX all-reduce of the E route counts over the expert-parallel
+        group, so every rank takes the same path (None or a mask), and the
+        backward runs the same ops, in the same order, on every rank.
+        """
+        routed_E = parallel.all_reduce_max(self.dispatcher.ep_group, routed_E.detach().clone())
+        active_E = routed_E > 0
+        if bool(active_E.all()):
+            return None
+        ids = torch.as_tensor(self.experts.global_expert_ids, device=active_E.device)
+        return active_E.index_select(0, ids)
+
     def forward(self, x_TD: torch.Tensor,
                 central: Optional[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         routing = self.gate(x_TD)
         chosen_probs_TK = routing.probs_TE.gather(1, routing.experts_TK)
         plan = self.dispatcher.plan(routing.experts_TK, chosen_probs_TK, self.training)
         x_LSD = self.dispatcher.dispatch(x_TD, plan)
-        valid_LS = self.dispatcher.valid_slots(plan) if self.experts.hooks is not None and self.training else None
-        y_LSD = self.experts(x_LSD, central, valid_LS)
+        hooks = self.experts.hooks
+        observing = hooks is not None and self.training and getattr(hooks, "observing", True)
+        valid_LS = self.dispatcher.valid_slots(plan) if observing else None
+        active_L = self._active_local_experts(plan.routed_E) if self.experts.needs_activity() else None
+        y_LSD = self.experts(x_LSD, central, valid_LS, active_L)
         y_TD = self.dispatcher.combine(y_LSD, plan, routing.weights_TK)
         return y_TD.to(x_TD.dtype), routing.aux_loss, plan.routed_E
 
@@ -250,6 +274,17 @@ class MPOEMoE(MoE):
             if mask is not None:
                 mask.set_step(step)
 
+    def set_micro_batch(self, index: Optional[int], is_last: bool = True) -> None:
+        """Tell the experts where the next forward sits in gradient accumulation.
+
+        MPO experts then rebuild their weights once per optimizer step instead of
+        once per micro-batch, with exact gradients; see
+        :meth:`mpomoe_ds.experts.MoEExperts.set_micro_batch` (call it before
+        every training micro-batch: index in the step, and whether it is the
+        last). ``index=None``: rebuild in every forward (the default).
+        """
+        self.deepspeed_moe.experts.set_micro_batch(index, is_last)
+
     def central_tensors(self) -> Optional[dict[str, torch.Tensor]]:
         return dict(self.central.items()) if self.central else None
 
@@ -286,3 +321,14 @@ def set_moe_step(model: nn.Module, step: int) -> None:
     for _, layer in moe_layers(model):
         layer.set_step(step)
 
+
+def set_moe_micro_batch(model: nn.Module, index: Optional[int], is_last: bool = True) -> None:
+    """Position of the next forward in gradient accumulation, for every MoE layer.
+
+    With a DeepSpeed engine, before each micro-batch's forward::
+
+        set_moe_micro_batch(model, engine.micro_steps % engine.gradient_accumulation_steps(),
+                            engine.is_gradient_accumulation_boundary())
+    """
+    for _, layer in moe_layers(model):
+        layer.set_micro_batch(index, is_last)
