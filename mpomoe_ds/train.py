@@ -424,18 +424,21 @@ class Trainer:
 
     def train_step(self, step: int, batch_iter) -> dict[str, float]:
         """One optimizer step (gradient accumulation included)."""
-        from .moe_layer import set_moe_step
+        from .moe_layer import set_moe_micro_batch, set_moe_step
 
         engine = self.engine
+        accumulation = engine.gradient_accumulation_steps()
         stats = {"loss": 0.0, "aux_loss": 0.0, "tokens": 0}
         counts = None
         task_losses: dict[str, list[float]] = {}
         set_moe_step(engine.module, step)
         if self.omoe is not None:
             self.omoe.before_step(step)
-        for micro in range(engine.gradient_accumulation_steps()):
+        for micro in range(accumulation):
             # Dropout as a function of (seed, step, micro-batch, rank): a resumed run draws the same masks.
             torch.manual_seed(mix_seed(self.config.train.seed, step, micro, self.rank))
+            if accumulation > 1:  # MPO experts rebuild their weights once per optimizer step
+                set_moe_micro_batch(engine.module, micro, is_last=micro == accumulation - 1)
             batch = next(batch_iter)
             out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
             engine.backward(out["loss"])
@@ -451,6 +454,8 @@ class Trainer:
             stats["tokens"] += int(batch["attention_mask"].sum())
             if "expert_counts" in out:
                 counts = out["expert_counts"] if counts is None else counts + out["expert_counts"]
+        if accumulation > 1:
+            set_moe_micro_batch(engine.module, None)  # eval and other forwards rebuild every time
         if self.omoe is not None:
             self.omoe.after_step(step)
         stats["task_losses"] = {t: float(np.mean(v)) for t, v in task_losses.items()}

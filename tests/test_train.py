@@ -105,7 +105,8 @@ def test_omoe_from_the_config_runs_its_phases_and_resumes(tmp_path):
     config = tiny_run_config(out, max_steps=5, save_every=3, diversity_tokens=0)
     config["omoe"] = {"enabled": True, "acc_steps": 2, "orth_steps": 2, "matrices": ["up", "down"]}
     config["moe"]["ep_size"] = 1
-    run, ds = write_configs(tmp_path, config)
+    # gradient accumulation: MPO experts rebuild once per step while OMoE projects their gradients
+    run, ds = write_configs(tmp_path, config, {**TINY_DS, "gradient_accumulation_steps": 2})
     metrics = main(["--config", str(run), "--deepspeed_config", str(ds)])
     assert metrics["omoe"]["omoe/phase_changes"] >= 1  # steps 2-3 ran in the orthogonal phase
     assert (out / "checkpoints" / "step5" / "mpomoe_rank0_state.pt").is_file()
