@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpomoe_ds.config import ConfigError, MoEConfig, MPOConfig
+from mpomoe_ds.config import ConfigError, MoEConfig
 from mpomoe_ds.engine import DeepSpeedConfigError, validate_ds_config
 from mpomoe_ds.moe_layer import DenseFFN, MPOEMoE, set_moe_step
 from mpomoe_ds.params import classify_parameters, optimizer_param_groups, parameter_report
