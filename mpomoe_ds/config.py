@@ -112,6 +112,10 @@ class MoEConfig:
         gradient (1 = no mask, 0 = central tensor frozen).
     central_grad_rescale: multiply kept gradient entries by 1/p.
     aux_grad_keep_prob: the same mask on auxiliary tensors (1 = off).
+    shard_central: with ep_size > 1, each rank of the expert-parallel group
+        holds 1/ep_size of every central tensor (and of its gradient and
+        optimizer state) and all-gathers it to rebuild experts, instead of a
+        full replica per rank (mpomoe_ds.central). No effect at ep_size 1.
     """
 
     num_experts: int = 4
@@ -134,6 +138,7 @@ class MoEConfig:
     central_grad_keep_prob: float = 1.0
     central_grad_rescale: bool = False
     aux_grad_keep_prob: float = 1.0
+    shard_central: bool = False
 
     def __post_init__(self) -> None:
         s = "moe"
@@ -176,6 +181,9 @@ class MoEConfig:
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 _fail(s, name, p, "a keep probability must be in [0, 1] (1 disables the mask, 0 freezes)")
+        if self.shard_central and self.expert_type != "mpo":
+            _fail(s, "shard_central", True, "plain experts (expert_type 'ffn') have no central tensor; "
+                  "set shard_central: false or expert_type: mpo")
         if self.aux_grad_keep_prob == 0.0:
             _fail(s, "aux_grad_keep_prob", 0.0, "freezing every expert's auxiliaries leaves nothing to train; "
                   "use a value in (0, 1]")

@@ -85,12 +85,13 @@ def global_grad_norm(model: nn.Module, ep_group: Optional[parallel.ProcessGroup]
     """The true L2 norm of all gradients, as one process holding every expert would compute it.
 
     Assumes dense gradients are already averaged over data parallelism (they
-    are identical on every rank) and expert gradients over the expert-data-
-    parallel group. Each expert then lives on exactly one rank of the
-    expert-parallel group, so its squared norm is summed over that group once.
-    DeepSpeed 0.19's fp32 ZeRO-0 clip instead averages per-rank norms.
+    are identical on every rank) and expert parameters' gradients (experts and
+    sharded central tensors) over the expert-data-parallel group. Each such
+    parameter then lives on exactly one rank of the expert-parallel group, so
+    its squared norm is summed over that group once. DeepSpeed 0.19's fp32
+    ZeRO-0 clip instead averages per-rank norms.
     """
-    from .params import parameter_kind
+    from deepspeed.moe.utils import is_moe_param
 
     dense_sq = torch.zeros((), dtype=torch.float64)
     expert_sq = torch.zeros((), dtype=torch.float64)
@@ -98,7 +99,7 @@ def global_grad_norm(model: nn.Module, ep_group: Optional[parallel.ProcessGroup]
         if p.grad is None:
             continue
         sq = p.grad.detach().double().pow(2).sum().cpu()
-        if parameter_kind(p) == "expert":
+        if is_moe_param(p):
             expert_sq += sq
         else:
             dense_sq += sq

@@ -12,10 +12,13 @@ micro-batch. Both keep gradients exact; see :mod:`mpomoe_ds.experts`.
 Shape legend: T tokens, D hidden, F FFN size, E global experts, L local experts.
 
 Naming conventions:
-    central tensors    ``layer.central["up"|"down"]``: one middle MPO core per
-                       matrix position, shared by all experts; ordinary dense
-                       parameters (all-reduced over data parallelism), tagged
-                       ``param.mpo_central = True``. Their state-dict keys never
+    central tensors    ``layer.central["up"|"down"]`` (:class:`CentralTensors`):
+                       one middle MPO core per matrix position, shared by all
+                       experts, tagged ``param.mpo_central = True``; dense
+                       parameters all-reduced over data parallelism, or with
+                       ``moe.shard_central`` flat shards over the
+                       expert-parallel group (see :mod:`mpomoe_ds.central`).
+                       Their state-dict keys (always the full tensors) never
                        contain "expert" (DeepSpeed's checkpoint code would treat
                        them as expert weights).
     auxiliary tensors  ``layer.deepspeed_moe.experts.deepspeed_experts[l]``: each
@@ -32,6 +35,7 @@ TopKGate and MOELayer. We set the attributes the engine reads instead
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Iterator, Optional
 
 import torch
@@ -39,6 +43,7 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from . import parallel
+from .central import CentralTensors
 from .config import MoEConfig, MPOConfig
 from .dispatcher import TokenDispatcher
 from .experts import MATRICES, FFNExpert, MoEExperts, MPOExpert
@@ -113,7 +118,7 @@ class MoEBlock(nn.Module):
         return active_E.index_select(0, ids)
 
     def forward(self, x_TD: torch.Tensor,
-                central: Optional[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                central: Optional[Mapping[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         routing = self.gate(x_TD)
         chosen_probs_TK = routing.probs_TE.gather(1, routing.experts_TK)
         plan = self.dispatcher.plan(routing.experts_TK, chosen_probs_TK, self.training)
@@ -171,9 +176,8 @@ class MPOEMoE(MoE):
         self.ffn_size = ffn_size
         self.ep_rank = parallel.group_rank(ep_group)
         self.decompositions: dict[str, MPO] = {}
-        self.central = nn.ParameterDict()
 
-        template = self._build_template(dense)
+        template = self._build_template(dense, ep_group)
         experts = MoEExperts(template, self.num_local_experts, self.expert_group_name, moe.num_experts,
                              moe.activation, central_index=self._central_index())
         experts.global_expert_ids = [self.ep_rank * self.num_local_experts + i for i in range(self.num_local_experts)]
@@ -200,11 +204,13 @@ class MPOEMoE(MoE):
     def _factors(self, matrix: str) -> tuple[Optional[list[int]], Optional[list[int]]]:
         return (getattr(self.mpo_config, f"in_factors_{matrix}"), getattr(self.mpo_config, f"out_factors_{matrix}"))
 
-    def _build_template(self, dense: DenseFFN) -> nn.Module:
+    def _build_template(self, dense: DenseFFN, ep_group: Optional[parallel.ProcessGroup]) -> nn.Module:
+        """The expert every local expert copies; sets ``self.central`` (empty for plain experts)."""
         if self.config.expert_type == "ffn":
+            self.central = CentralTensors({})
             return FFNExpert(dense.up_weight, dense.up_bias, dense.down_weight, dense.down_bias)
         weights = {"up": dense.up_weight, "down": dense.down_weight}
-        aux = {}
+        aux, cores = {}, {}
         for m in MATRICES:
             in_f, out_f = self._factors(m)
             try:
@@ -214,10 +220,10 @@ class MPOEMoE(MoE):
                 raise ValueError(f"MoE layer {self.layer_id}, {m} matrix {tuple(weights[m].shape)}: {err}. "
                                  f"Set mpo.in_factors_{m} / mpo.out_factors_{m} explicitly, or mpo.num_cores") from err
             self.decompositions[m] = mpo
-            central = nn.Parameter(mpo.central.clone())
-            central.mpo_central = True
-            self.central[m] = central
+            cores[m] = mpo.central
             aux[m] = mpo.auxiliary
+        self.central = CentralTensors(cores, ep_group=ep_group, shard=self.config.shard_central,
+                                      group_name=self.expert_group_name)
         return MPOExpert(aux["up"], aux["down"], dense.up_bias.float(), dense.down_bias.float())
 
     def _perturb_experts(self) -> None:
@@ -242,8 +248,7 @@ class MPOEMoE(MoE):
             elif cfg.central_grad_keep_prob < 1.0:
                 central_mask = GradientMask(cfg.central_grad_keep_prob, cfg.central_grad_rescale,
                                             mix_seed(cfg.seed, self.layer_id, 4))
-                for index, m in enumerate(MATRICES):
-                    central_mask.attach(self.central[m], key=index)
+                self.central.set_gradient_mask(central_mask)
         if cfg.aux_grad_keep_prob < 1.0:
             aux_mask = GradientMask(cfg.aux_grad_keep_prob, cfg.central_grad_rescale,
                                     mix_seed(cfg.seed, self.layer_id, 5))
@@ -285,8 +290,13 @@ class MPOEMoE(MoE):
         """
         self.deepspeed_moe.experts.set_micro_batch(index, is_last)
 
-    def central_tensors(self) -> Optional[dict[str, torch.Tensor]]:
-        return dict(self.central.items()) if self.central else None
+    def central_tensors(self) -> Optional[Mapping[str, torch.Tensor]]:
+        """Full central tensors ("up"/"down") for computation; None for plain experts.
+
+        Sharded (``moe.shard_central``): gathered over the expert-parallel
+        group on first access, so every rank of the group must read them alike.
+        """
+        return self.central.tensors() if self.central else None
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x_TD = hidden_states.reshape(-1, self.hidden_size)
@@ -306,7 +316,7 @@ class MPOEMoE(MoE):
         total = 0
         for m in MATRICES:
             shapes = [tuple(c.shape) for c in self.deepspeed_moe.experts.deepspeed_experts[0].aux_cores(m)]
-            shapes.insert(self._central_index(), tuple(self.central[m].shape))
+            shapes.insert(self._central_index(), tuple(self.central.full_shapes[m]))
             total += reconstruction_macs(shapes) * self.num_local_experts
         return total
 

@@ -13,10 +13,11 @@ LOSS_TOL = 1e-5
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("zero,keep_prob", [(0, 0.5), (2, 0.5), (2, 0.0)])
-def test_two_rank_expert_parallel_training_equals_single_process(tmp_path, zero, keep_prob):
-    ranks = run_two_ranks(WORKER, ["--zero", str(zero), "--keep-prob", str(keep_prob), "--steps", "5"],
-                          tmp_path / "result")
+@pytest.mark.parametrize("zero,keep_prob,shard", [(0, 0.5, False), (2, 0.5, False), (2, 0.0, False),
+                                                (0, 1.0, True), (2, 0.5, True)])
+def test_two_rank_expert_parallel_training_equals_single_process(tmp_path, zero, keep_prob, shard):
+    ranks = run_two_ranks(WORKER, ["--zero", str(zero), "--keep-prob", str(keep_prob), "--steps", "5"]
+                          + (["--shard-central"] if shard else []), tmp_path / "result")
     for r in ranks:
         # loss and every gradient (dense after all-reduce, experts on their owner) match each step
         assert len(r["loss_diff"]) == 5
@@ -25,7 +26,15 @@ def test_two_rank_expert_parallel_training_equals_single_process(tmp_path, zero,
         assert r["param_diff"] < GRAD_TOL
         # central tensors, router, dense layers: bit-identical on both ranks after 5 steps
         assert r["replicated_bit_identical"]
-        assert {"moe.central.up", "moe.central.down", "moe.deepspeed_moe.gate.wg.weight"} <= set(r["replicated_names"])
+        central_names = {"moe.central.up", "moe.central.down"}
+        if shard:  # each rank holds half of each central tensor; state_dict() shows the full, trained one
+            assert r["central_sharded"] and not central_names & set(r["replicated_names"])
+            assert r["central_local_numel"] == sum(-(-n // 2) for n in r["central_full_numels"])
+        else:
+            assert not r["central_sharded"] and central_names <= set(r["replicated_names"])
+            assert r["central_local_numel"] == sum(r["central_full_numels"])
+        assert r["state_dict_central_diff"] < GRAD_TOL
+        assert "moe.deepspeed_moe.gate.wg.weight" in r["replicated_names"]
         assert not any("deepspeed_experts" in n for n in r["replicated_names"])
         # each expert lives on exactly one rank of the expert-parallel group
         owners = r["expert_owners"]

@@ -260,12 +260,25 @@ def test_bad_configurations_fail_early_with_the_fix():
         MoEConfig(num_experts=4, ep_size=3)
     with pytest.raises(ConfigError, match="moe.k"):
         MoEConfig(num_experts=4, k=5)
+    with pytest.raises(ConfigError, match="moe.shard_central.*no central tensor"):
+        MoEConfig(num_experts=4, expert_type="ffn", shard_central=True)
     with pytest.raises(ValueError, match="cannot split dim 30"):
         MPOEMoE(30, 64, MoEConfig(num_experts=2))
     layer = MPOEMoE.from_dense(random_dense(), MoEConfig(num_experts=2))
     with pytest.raises(DeepSpeedConfigError, match="ZeRO stage 3"):
         validate_ds_config({"zero_optimization": {"stage": 3}}, layer)
     validate_ds_config({"zero_optimization": {"stage": 2}}, layer)
+
+
+def test_shard_central_in_one_process_is_the_replicated_layer():
+    """ep_size 1: nothing to shard, the layer and its state dict are the ordinary ones."""
+    dense = random_dense()
+    plain = MPOEMoE.from_dense(dense, MoEConfig(num_experts=2))
+    sharded = MPOEMoE.from_dense(dense, MoEConfig(num_experts=2, shard_central=True))
+    assert not sharded.central.sharded
+    assert {k: v.shape for k, v in sharded.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    x = torch.randn(5, HIDDEN)
+    assert torch.equal(sharded(x)[0], plain(x)[0])
 
 
 def test_expert_parallel_layer_without_distributed_names_the_fix():

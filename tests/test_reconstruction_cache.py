@@ -41,13 +41,14 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = GRAD_TOL) -> bool:
     return float((a - b).abs().max()) <= tol * (1.0 + float(b.abs().max()))
 
 
-def make_layer(keep_prob: float = 1.0, num_experts: int = 4, k: int = 1, ep_size: int = 1, seed: int = 0):
+def make_layer(keep_prob: float = 1.0, num_experts: int = 4, k: int = 1, ep_size: int = 1, seed: int = 0,
+               shard_central: bool = False):
     from mpomoe_ds.config import MoEConfig, MPOConfig
     from mpomoe_ds.moe_layer import MPOEMoE
 
     torch.manual_seed(seed)
     cfg = MoEConfig(num_experts=num_experts, k=k, ep_size=ep_size, expert_init="perturb", init_noise=0.3,
-                    central_grad_keep_prob=keep_prob, aux_loss_coef=0.05, seed=seed)
+                    central_grad_keep_prob=keep_prob, aux_loss_coef=0.05, seed=seed, shard_central=shard_central)
     return MPOEMoE(HIDDEN, FFN, cfg, MPOConfig())
 
 
@@ -294,16 +295,19 @@ def test_skipping_idle_experts_gives_identical_results():
 # ----------------------------------------------------------------------------- 2 ranks, DeepSpeed ZeRO-2
 
 
-def test_two_rank_zero2_gradient_accumulation_cache_equals_plain(tmp_path):
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated_central", "sharded_central"])
+def test_two_rank_zero2_gradient_accumulation_cache_equals_plain(tmp_path, shard):
     from conftest import run_two_ranks
 
-    ranks = run_two_ranks(Path(__file__), ["--steps", "2", "--accum", "3"], tmp_path / "cache")
+    ranks = run_two_ranks(Path(__file__), ["--steps", "2", "--accum", "3"] + (["--shard-central"] if shard else []),
+                          tmp_path / "cache")
     for r in ranks:
         assert r["steps"] == 2
         assert max(r["loss_diff"]) < 1e-6, r["loss_diff"]
         assert max(r["grad_rel_diff"]) < GRAD_TOL, r["grad_rel_diff"]
         assert r["param_rel_diff"] < GRAD_TOL
         assert r["graded_params"] == r["num_params"]  # every parameter, central and experts, got its gradient
+        assert r["central_sharded"] == shard
     # the skewed router leaves both of rank 1's experts without tokens in some micro-batches
     assert any(r["idle_rank1"] for r in ranks)
 
@@ -311,9 +315,9 @@ def test_two_rank_zero2_gradient_accumulation_cache_equals_plain(tmp_path):
 class TinyModel(torch.nn.Module):
     """MoE (residual) -> dense head; the router follows coordinates so tests can idle experts."""
 
-    def __init__(self, keep_prob: float, ep_size: int) -> None:
+    def __init__(self, keep_prob: float, ep_size: int, shard_central: bool = False) -> None:
         super().__init__()
-        self.moe = make_layer(keep_prob, ep_size=ep_size)
+        self.moe = make_layer(keep_prob, ep_size=ep_size, shard_central=shard_central)
         route_by_coordinate(self.moe)
         torch.manual_seed(1)
         self.head = torch.nn.Linear(HIDDEN, HIDDEN)
@@ -336,6 +340,7 @@ def worker() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--accum", type=int, default=3)
+    parser.add_argument("--shard-central", action="store_true")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
@@ -346,7 +351,7 @@ def worker() -> None:
               "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
     engines = []
     for _ in range(2):
-        model = TinyModel(keep_prob=0.5, ep_size=world)
+        model = TinyModel(keep_prob=0.5, ep_size=world, shard_central=args.shard_central)
         engines.append(initialize(model, config, optimizer=torch.optim.SGD(optimizer_param_groups(model), lr=0.5)))
     plain, cached = engines
     result = {"rank": rank, "steps": 0, "grad_rel_diff": [], "idle_rank1": False, "losses_plain": [],
@@ -377,6 +382,7 @@ def worker() -> None:
             float((g_cached[n] - g).abs().max()) / (1.0 + float(g.abs().max())) for n, g in g_plain.items()))
         result["steps"] += 1
     result["loss_diff"] = [abs(a - b) for a, b in zip(result["losses_plain"], result["losses_cached"])]
+    result["central_sharded"] = cached.module.moe.central.sharded
     result["param_rel_diff"] = max(float((p - q).abs().max()) / (1.0 + float(p.abs().max()))
                                    for p, q in zip(plain.module.parameters(), cached.module.parameters()))
     with open(f"{args.out}.rank{rank}.json", "w") as fh:

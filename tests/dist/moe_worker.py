@@ -64,6 +64,14 @@ def reference_name(name: str, rank: int, num_local: int) -> str:
     return f"{head}{marker}{rank * num_local + int(local)}.{rest}"
 
 
+def as_held(name: str, ref: torch.Tensor, model: TinyMoEModel) -> torch.Tensor:
+    """A reference tensor as this rank holds it: its shard when the central tensors are sharded."""
+    central = model.moe.central
+    if central.sharded and name.startswith("moe.central."):
+        return central.local_slice(ref)
+    return ref
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).abs().max())
 
@@ -81,6 +89,7 @@ def main() -> None:
     parser.add_argument("--zero", type=int, default=0)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--keep-prob", type=float, default=1.0)
+    parser.add_argument("--shard-central", action="store_true")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
@@ -88,7 +97,8 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     moe_cfg = MoEConfig(num_experts=4, ep_size=world, k=2, dropless=True, expert_init="perturb", init_noise=0.2,
-                        aux_loss_coef=0.05, central_grad_keep_prob=args.keep_prob)
+                        aux_loss_coef=0.05, central_grad_keep_prob=args.keep_prob,
+                        shard_central=args.shard_central)
     model = TinyMoEModel(moe_cfg, seed=0)
     reference = TinyMoEModel(dataclasses.replace(moe_cfg, ep_size=1), seed=0)
     num_local = model.moe.num_local_experts
@@ -120,13 +130,15 @@ def main() -> None:
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
         result["loss_diff"].append(abs(float(mean_loss) / world - float(ref_loss)))
-        result["grad_diff"].append(max(max_diff(g, ref_params[reference_name(n, rank, num_local)].grad)
+        result["grad_diff"].append(max(max_diff(g, as_held(n, ref_params[reference_name(n, rank, num_local)].grad,
+                                                            model))
                                        for n, g in grads.items()))
         if engine.module.moe.central_mask is not None:
             mask = engine.module.moe.central_mask
             for index, matrix in enumerate(("up", "down")):
                 grad = grads[f"moe.central.{matrix}"]
-                keep = mask.mask(index, grad.shape, grad.device)
+                full_shape = engine.module.moe.central.full_shapes[matrix]
+                keep = as_held(f"moe.central.{matrix}", mask.mask(index, full_shape, grad.device), model)
                 result["mask_violations"] += int((grad[~keep] != 0).sum())
                 result["mask_kept_nonzero"].append(float((grad[keep] != 0).float().mean()))
                 result.setdefault("mask_zero_fraction", []).append(float((~keep).float().mean()))
@@ -139,14 +151,23 @@ def main() -> None:
         ref_opt.zero_grad()
 
     # Parameters after training: vs the reference, and replicated tensors across ranks.
-    result["param_diff"] = max(max_diff(p, ref_params[reference_name(n, rank, num_local)])
+    result["param_diff"] = max(max_diff(p, as_held(n, ref_params[reference_name(n, rank, num_local)], model))
                                for n, p in engine.module.named_parameters())
     initial = TinyMoEModel(moe_cfg, seed=0)
-    result["central_moved"] = max(max_diff(engine.module.moe.central[m], initial.moe.central[m]) for m in ("up", "down"))
+    central, initial_central = engine.module.moe.central, initial.moe.central
+    result["central_moved"] = max(max_diff(central.gather_detached(m), initial_central.gather_detached(m))
+                                  for m in ("up", "down"))
+    result["central_sharded"] = central.sharded
+    result["central_local_numel"] = sum(p.numel() for p in central.values())
+    result["central_full_numels"] = [shape.numel() for shape in central.full_shapes.values()]
+    state = engine.module.state_dict()  # collective when sharded: full central tensors
+    result["state_dict_central_diff"] = max(max_diff(state[f"moe.central.{m}"], reference.moe.central[m])
+                                            for m in ("up", "down"))
     result["aux_moved"] = max(max_diff(p, q) for (n, p), (_, q) in zip(engine.module.moe.experts.named_parameters(),
                                                                      initial.moe.experts.named_parameters())
                               if "aux" in n)
-    replicated = {n: p for n, p in engine.module.named_parameters() if "deepspeed_experts" not in n}
+    replicated = {n: p for n, p in engine.module.named_parameters()
+                  if "deepspeed_experts" not in n and not (central.sharded and n.startswith("moe.central."))}
     identical = True
     for name, p in replicated.items():
         gathered = [torch.empty_like(p.data) for _ in range(world)]
