@@ -44,7 +44,7 @@ from .grad_mask import GradientMask
 def _all_gather_flat(shard: torch.Tensor, group: parallel.ProcessGroup, numel: int) -> torch.Tensor:
     """The first ``numel`` elements of the group's equal 1-D shards, concatenated in rank order."""
     full = shard.new_empty(shard.numel() * dist.get_world_size(group))
-    dist.all_gather_into_tensor(full, shard.contiguous(), group=group)
+    dist.all_gather_single(full, shard.contiguous(), group=group)
     return full[:numel]
 
 
@@ -65,7 +65,7 @@ class _GatherShards(torch.autograd.Function):
         padded[:grad.numel()] = grad
         if dist.get_backend(group) == "nccl":
             shard = grad.new_empty(shard_numel)
-            dist.reduce_scatter_tensor(shard, padded, group=group)
+            dist.reduce_scatter_single(shard, padded, group=group)
             return shard, None, None
         # gloo has no reduce-scatter: all-reduce and keep this rank's slice.
         dist.all_reduce(padded, group=group)
@@ -107,12 +107,11 @@ class CentralTensors(nn.ParameterDict):
     def __init__(self, cores: Mapping[str, torch.Tensor], *, ep_group: Optional[parallel.ProcessGroup] = None,
                  shard: bool = False, group_name: str = "") -> None:
         super().__init__()
-        # Plain attributes set before any parameter: ParameterDict routes only Parameters to keys.
-        object.__setattr__(self, "ep_group", ep_group)
-        object.__setattr__(self, "sharded", bool(shard) and parallel.group_size(ep_group) > 1)
-        object.__setattr__(self, "full_shapes", {m: torch.Size(core.shape) for m, core in cores.items()})
-        object.__setattr__(self, "mask", None)
-        object.__setattr__(self, "_state_cache", None)
+        self.ep_group = ep_group
+        self.sharded = bool(shard) and parallel.group_size(ep_group) > 1
+        self.full_shapes = {m: torch.Size(core.shape) for m, core in cores.items()}
+        self.mask = None
+        self._state_cache = None
         for m, core in cores.items():
             value = self.local_slice(core.detach()) if self.sharded else core.detach()
             param = nn.Parameter(value.clone().contiguous())
@@ -169,12 +168,12 @@ class CentralTensors(nn.ParameterDict):
         """Full central tensors for computation: the parameters, or a lazily gathered view."""
         if not self.sharded:
             return dict(self.items())
-        object.__setattr__(self, "_state_cache", None)
+        self._state_cache = None
         return GatheredCentral(self)
 
     def set_gradient_mask(self, mask: Optional[GradientMask]) -> None:
         """Mask each rank's full central gradient (replicated: a hook on the parameter once)."""
-        object.__setattr__(self, "mask", mask)
+        self.mask = mask
         if mask is not None and not self.sharded:
             for key, m in enumerate(self.full_shapes):
                 mask.attach(self[m], key=key)
@@ -203,7 +202,7 @@ class CentralTensors(nn.ParameterDict):
         if cached is not None and all(torch.equal(self[m].detach(), shard) for m, shard in cached[0].items()):
             return cached[1]
         full = {m: self.gather_detached(m) for m in self.full_shapes}
-        object.__setattr__(self, "_state_cache", ({m: self[m].detach().clone() for m in full}, full))
+        self._state_cache = ({m: self[m].detach().clone() for m in full}, full)
         return full
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
@@ -226,6 +225,7 @@ class CentralTensors(nn.ParameterDict):
                 self[m].copy_(self.local_slice(full.to(self[m].device)))
         if strict:
             for key in state_dict:
-                if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in self.full_shapes:
+                local = key[len(prefix):]
+                if key.startswith(prefix) and "." not in local and local not in self.full_shapes:
                     unexpected_keys.append(key)
 

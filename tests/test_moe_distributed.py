@@ -13,12 +13,15 @@ LOSS_TOL = 1e-5
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("zero,keep_prob,shard", [(0, 0.5, False), (2, 0.5, False), (2, 0.0, False),
-                                                (0, 1.0, True), (2, 0.5, True)])
-def test_two_rank_expert_parallel_training_equals_single_process(tmp_path, zero, keep_prob, shard):
-    ranks = run_two_ranks(WORKER, ["--zero", str(zero), "--keep-prob", str(keep_prob), "--steps", "5"]
-                          + (["--shard-central"] if shard else []), tmp_path / "result")
+@pytest.mark.parametrize("zero,keep_prob,shard,clip", [(0, 0.5, False, 0.0), (2, 0.5, False, 0.0),
+                                                     (2, 0.0, False, 0.0), (0, 1.0, True, 0.0),
+                                                     (2, 0.5, True, 0.0), (2, 1.0, True, 0.05)])
+def test_two_rank_expert_parallel_training_equals_single_process(tmp_path, zero, keep_prob, shard, clip):
+    ranks = run_two_ranks(WORKER, ["--zero", str(zero), "--keep-prob", str(keep_prob), "--steps", "5",
+                                   "--clip", str(clip)] + (["--shard-central"] if shard else []), tmp_path / "result")
     for r in ranks:
+        if clip:  # DeepSpeed's ZeRO-2 clip, with experts and shards on different ranks, is the global one
+            assert min(r["ref_grad_norm"]) > 2 * clip
         # loss and every gradient (dense after all-reduce, experts on their owner) match each step
         assert len(r["loss_diff"]) == 5
         assert max(r["loss_diff"]) < LOSS_TOL, r["loss_diff"]

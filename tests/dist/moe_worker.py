@@ -76,11 +76,11 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).abs().max())
 
 
-def ds_config(zero: int) -> dict:
+def ds_config(zero: int, clip: float = 0.0) -> dict:
     # gradient_clipping defaults to 1.0 in DeepSpeed 0.19 and its fp32/ZeRO-0 clip
-    # mis-computes the norm with experts; the equivalence run compares raw steps.
+    # mis-computes the norm with experts (the trainer clips itself there); ZeRO 1/2 clip right.
     return {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
-            "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
+            "gradient_clipping": clip, "zero_allow_untested_optimizer": True,
             "zero_optimization": {"stage": zero}, "steps_per_print": 10**9}
 
 
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--keep-prob", type=float, default=1.0)
     parser.add_argument("--shard-central", action="store_true")
+    parser.add_argument("--clip", type=float, default=0.0, help="DeepSpeed gradient_clipping (ZeRO 1/2)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
@@ -104,7 +105,7 @@ def main() -> None:
     num_local = model.moe.num_local_experts
     ref_params = dict(reference.named_parameters())
 
-    engine = initialize(model, ds_config(args.zero),
+    engine = initialize(model, ds_config(args.zero, args.clip),
                         optimizer=torch.optim.SGD(optimizer_param_groups(model), lr=LR))
     ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
 
@@ -121,10 +122,12 @@ def main() -> None:
 
         ref_loss = 0.5 * (reference(x[:BATCH], y[:BATCH]) + reference(x[BATCH:], y[BATCH:]))
         ref_loss.backward()
+        ref_grads = [p.grad for p in reference.parameters() if p.grad is not None]
+        ref_norm = float(torch.nn.utils.get_total_norm(ref_grads))
+        result.setdefault("ref_grad_norm", []).append(ref_norm)
 
         if args.zero == 0:  # ZeRO 0 leaves reduced gradients in param.grad
             norm = float(global_grad_norm(engine.module, engine.module.moe.ep_group))
-            ref_norm = float(torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]))
             result.setdefault("grad_norm_rel_diff", []).append(abs(norm - ref_norm) / ref_norm)
 
         mean_loss = loss.detach().clone()
@@ -147,6 +150,8 @@ def main() -> None:
                 result.setdefault("mask_equal_across_ranks", []).append(all(torch.equal(g, keep) for g in gathered))
 
         engine.step()
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), args.clip)
         ref_opt.step()
         ref_opt.zero_grad()
 
@@ -185,7 +190,7 @@ def main() -> None:
     engine.save_checkpoint(ckpt_dir, tag="t5")
     saved = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     fresh = TinyMoEModel(dataclasses.replace(moe_cfg, seed=99), seed=7)
-    engine2 = initialize(fresh, ds_config(args.zero),
+    engine2 = initialize(fresh, ds_config(args.zero, args.clip),
                          optimizer=torch.optim.SGD(optimizer_param_groups(fresh), lr=LR))
     before = max(max_diff(p, saved[n]) for n, p in engine2.module.named_parameters())
     engine2.load_checkpoint(ckpt_dir, tag="t5")
