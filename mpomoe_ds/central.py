@@ -138,9 +138,6 @@ class CentralTensors(nn.ParameterDict):
             shard = torch.cat([shard, flat.new_zeros(shard_numel - shard.numel())])
         return shard
 
-    def full_numel(self) -> int:
-        return sum(shape.numel() for shape in self.full_shapes.values())
-
     # ------------------------------------------------------------------ values
 
     def gather(self, matrix: str) -> torch.Tensor:

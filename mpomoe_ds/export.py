@@ -62,6 +62,7 @@ MPOMOE_CONFIG_NAME = "mpomoe_config.json"
 WEIGHTS_NAME = "mpomoe_model.safetensors"
 EXPERTS_PREFIX = "deepspeed_moe.experts.deepspeed_experts"
 DS_MAIN_FILE = "mp_rank_00_model_states.pt"
+TRAINER_PREFIX = "backbone."  # the training CLI's MultiTaskModel keeps the transformers model here
 
 
 # --------------------------------------------------------------------------- save
@@ -181,7 +182,7 @@ def load_converted(out_dir: PathLike) -> nn.Module:
     moe = from_dict(MoEConfig, meta["moe"], "moe")
     mpo = from_dict(MPOConfig, meta["mpo"], "mpo")
     # expert_init "copy": the saved weights replace the initial experts anyway.
-    moe = dataclasses.replace(moe, ep_size=1, layers=list(meta["blocks"]), expert_init="copy",
+    moe = dataclasses.replace(moe, ep_size=1, shard_central=False, layers=list(meta["blocks"]), expert_init="copy",
                               expert_type="ffn" if meta["mode"] == "merged" else moe.expert_type)
     convert_model(model, moe, mpo)
     load_weights(model, load_file(str(out / WEIGHTS_NAME)))
@@ -245,12 +246,13 @@ def deepspeed_checkpoint_state(checkpoint_dir: PathLike, tag: Optional[str], mod
                                 f"checkpoint saved with ZeRO stage 0, 1 or 2 (MoE cannot use stage 3)")
     # The main file pickles DeepSpeed objects (the ds_config); it is our own checkpoint, so full unpickling.
     checkpoint = torch.load(main_file, map_location="cpu", weights_only=False)
-    state = dict(checkpoint["module"])
+    prefix = _checkpoint_prefix(checkpoint["module"], model)
+    state = _strip_prefix(checkpoint["module"], prefix)
     layers = list(moe_layers(model))
     for layer_id, (name, layer) in enumerate(layers):
         if layer.ep_size != 1:
             raise ValueError(f"the model builder must build MoE layers with ep_size=1, {name} has {layer.ep_size}")
-        state.update(_expert_state(folder, layer_id, name, layer))
+        state.update(_expert_state(folder, layer_id, name, layer, prefix))
     extra = sorted(p.name for p in folder.glob(f"layer_{len(layers)}_expert_*_model_states.pt"))
     if extra:
         raise ValueError(f"{folder} has more MoE layers than the model ({len(layers)}), e.g. {extra[0]}; "
@@ -258,7 +260,22 @@ def deepspeed_checkpoint_state(checkpoint_dir: PathLike, tag: Optional[str], mod
     return state
 
 
-def _expert_state(folder: Path, layer_id: int, name: str, layer: MPOEMoE) -> dict[str, torch.Tensor]:
+def _checkpoint_prefix(module_state: dict[str, torch.Tensor], model: nn.Module) -> str:
+    """"" for a checkpoint of ``model`` itself, TRAINER_PREFIX for one of the training CLI's wrapper."""
+    names = [name for name, _ in model.named_parameters()]
+    if any(name in module_state for name in names):
+        return ""
+    if any(TRAINER_PREFIX + name in module_state for name in names):
+        return TRAINER_PREFIX
+    return ""  # nothing matches: load_weights names the mismatch
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Keys under ``prefix``, without it (the training CLI's task heads are dropped)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _expert_state(folder: Path, layer_id: int, name: str, layer: MPOEMoE, prefix: str) -> dict[str, torch.Tensor]:
     state = {}
     for g in range(layer.num_experts):
         path = folder / f"layer_{layer_id}_expert_{g}_mp_rank_00_model_states.pt"
@@ -266,12 +283,12 @@ def _expert_state(folder: Path, layer_id: int, name: str, layer: MPOEMoE) -> dic
             found = sorted(p.name for p in folder.glob(f"layer_{layer_id}_expert_*"))
             raise FileNotFoundError(f"{path.name} is missing: MoE layer {layer_id} ({name}) has "
                                     f"{layer.num_experts} experts but the checkpoint holds {found}")
-        expert = torch.load(path, map_location="cpu", weights_only=True)
-        prefix = f"{name}.{EXPERTS_PREFIX}.{g}."
-        wrong = [k for k in expert if not k.startswith(prefix)]
-        if wrong:
-            raise ValueError(f"{path.name}: key {wrong[0]!r} is not under {prefix!r}; MoE layer {layer_id} of "
-                             f"the model builder's model is not the checkpoint's")
+        expert = _strip_prefix(torch.load(path, map_location="cpu", weights_only=True), prefix)
+        expected = f"{name}.{EXPERTS_PREFIX}.{g}."
+        wrong = [k for k in expert if not k.startswith(expected)]
+        if wrong or not expert:
+            raise ValueError(f"{path.name}: key {(wrong or ['(none)'])[0]!r} is not under {prefix + expected!r}; "
+                             f"MoE layer {layer_id} of the model builder's model is not the checkpoint's")
         state.update(expert)
     return state
 
@@ -310,17 +327,17 @@ def config_model_builder(model: str, moe: MoEConfig, mpo: Optional[MPOConfig] = 
     def build() -> nn.Module:
         import transformers
 
-        from .hf_models import TASKS
+        from .hf_models import TASKS, resolve_model_name
 
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose one of {[t for t in TASKS if t]}")
-        config = transformers.AutoConfig.from_pretrained(model)
+        config = transformers.AutoConfig.from_pretrained(resolve_model_name(model))
         arch = (getattr(config, "architectures", None) or [None])[0]
         if task is None and arch is not None and hasattr(transformers, arch):
             built = getattr(transformers, arch)(config)
         else:
             built = getattr(transformers, TASKS[task]).from_config(config)
-        convert_model(built, dataclasses.replace(moe, ep_size=1), mpo)
+        convert_model(built, dataclasses.replace(moe, ep_size=1, shard_central=False), mpo)
         return built
 
     return build
@@ -353,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="merged: dense per-expert matrices (no reconstruction at inference); "
                              "mpo: the MPO cores as trained (default: merged)")
     parser.add_argument("--model", required=True,
-                        help="folder or hub name with the base model's config.json (weights are not read)")
+                        help="folder or hub name with the base model's config.json (weights are not read); "
+                             "'minilm': the packaged all-MiniLM-L6-v2")
     parser.add_argument("--task", default=None,
                         help="model head: base, causal-lm, masked-lm, sequence-classification "
                              "(default: the config's architectures[0])")

@@ -93,6 +93,13 @@ def minilm_path() -> str:
     return path
 
 
+def resolve_model_name(name_or_path: str) -> str:
+    """``"minilm"`` (the run config's name for the packaged model) -> its folder; anything else as given."""
+    from .config import MINILM
+
+    return minilm_path() if name_or_path == MINILM else name_or_path
+
+
 def load_pretrained(name_or_path: str, task: Optional[str] = None,
                     dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Load a pretrained Hugging Face model from a local folder or a hub name.

@@ -29,9 +29,10 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, parallel
-from .config import MINILM, to_dict
+from .config import to_dict
 from .run_config import RunConfig, load_run_config
 from .grad_mask import mix_seed
+from .hf_models import resolve_model_name
 from .monitor import Monitor, logger, setup_logging
 
 # The embedded ds_config: ZeRO 0, fp32, torch's AdamW built by us (no op to compile).
@@ -127,17 +128,11 @@ def resolve_ep_size(config: RunConfig, world_size: int) -> RunConfig:
 # --------------------------------------------------------------------------- model
 
 
-def _resolve_path(name: str) -> str:
-    from .hf_models import minilm_path
-
-    return minilm_path() if name == MINILM else name
-
-
 def load_tokenizer(config: RunConfig):
     """The tokenizer of the model section (cheap: loaded first so data errors come early)."""
     import transformers
 
-    path = _resolve_path(config.model.tokenizer or config.model.name_or_path)
+    path = resolve_model_name(config.model.tokenizer or config.model.name_or_path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=os.path.isdir(path))
     if tokenizer.pad_token is None:  # GPT-2 has none; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
@@ -149,7 +144,7 @@ def load_backbone(config: RunConfig, needs_lm_head: bool) -> torch.nn.Module:
     import transformers
 
     cfg = config.model
-    path = _resolve_path(cfg.name_or_path)
+    path = resolve_model_name(cfg.name_or_path)
     local = os.path.isdir(path)
     auto = transformers.AutoModelForCausalLM if needs_lm_head else transformers.AutoModel
     if not cfg.random_init:

@@ -363,8 +363,11 @@ def test_save_and_load_refuse_what_they_cannot_do(tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_rank_deepspeed_checkpoint_exports_to_a_single_process_model(tmp_path):
-    ranks = run_two_ranks(WORKER, ["--steps", "2"], tmp_path / "result")
+@pytest.mark.parametrize("layout", ["model", "trainer_sharded"])
+def test_two_rank_deepspeed_checkpoint_exports_to_a_single_process_model(tmp_path, layout):
+    """A checkpoint of the model itself, or of the training CLI's wrapper with sharded central tensors."""
+    extra = ["--trainer-layout", "--shard-central"] if layout == "trainer_sharded" else []
+    ranks = run_two_ranks(WORKER, ["--steps", "2", *extra], tmp_path / "result")
     r0 = ranks[0]
     assert r0["logits"] == ranks[1]["logits"]  # every rank sees the full eval batch
     assert r0["expert_moved"] > 0  # training changed the experts
@@ -375,7 +378,7 @@ def test_two_rank_deepspeed_checkpoint_exports_to_a_single_process_model(tmp_pat
 
     def build() -> torch.nn.Module:
         model = transformers.BertForSequenceClassification(transformers.BertConfig(**r0["bert"]))
-        convert_model(model, MoEConfig(**{**r0["moe"], "ep_size": 1}))
+        convert_model(model, MoEConfig(**{**r0["moe"], "ep_size": 1, "shard_central": False}))
         return model
 
     exported = export_deepspeed_checkpoint(r0["checkpoint"], r0["tag"], build, tmp_path / "mpo", "mpo")
@@ -404,7 +407,7 @@ def test_two_rank_deepspeed_checkpoint_exports_to_a_single_process_model(tmp_pat
 
     def one_layer() -> torch.nn.Module:
         model = transformers.BertForSequenceClassification(transformers.BertConfig(**r0["bert"]))
-        convert_model(model, MoEConfig(**{**r0["moe"], "ep_size": 1, "layers": [1]}))
+        convert_model(model, MoEConfig(**{**r0["moe"], "ep_size": 1, "shard_central": False, "layers": [1]}))
         return model
 
     with pytest.raises(ValueError, match="not the checkpoint's|more MoE layers"):

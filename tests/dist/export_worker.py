@@ -33,9 +33,22 @@ BERT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_l
             max_position_embeddings=32, num_labels=3)
 
 
-def moe_config(ep_size: int) -> MoEConfig:
+def moe_config(ep_size: int, shard_central: bool = False) -> MoEConfig:
     return MoEConfig(num_experts=4, ep_size=ep_size, k=2, dropless=True, expert_init="perturb", init_noise=0.2,
-                     aux_loss_coef=0.01)
+                     aux_loss_coef=0.01, shard_central=shard_central)
+
+
+class TrainerLikeWrapper(torch.nn.Module):
+    """The training CLI's layout: the transformers model under ``backbone``, other state beside it."""
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.moe_aux = backbone.moe_aux
+        self.register_buffer("task_step", torch.zeros(()))  # not part of the exported model
+
+    def forward(self, **batch: torch.Tensor):
+        return self.backbone(**batch)
 
 
 def fixed_inputs() -> dict[str, torch.Tensor]:
@@ -71,6 +84,8 @@ def expert_sums(model: torch.nn.Module) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--shard-central", action="store_true")
+    parser.add_argument("--trainer-layout", action="store_true", help="checkpoint a TrainerLikeWrapper")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
@@ -79,9 +94,9 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # identical dense weights on both ranks
     model = transformers.BertForSequenceClassification(transformers.BertConfig(**BERT))
-    convert_model(model, moe_config(world))
+    convert_model(model, moe_config(world, args.shard_central))
     initial_sums = expert_sums(model)
-    engine = initialize(model, ds_config(), lr=1e-2)
+    engine = initialize(TrainerLikeWrapper(model) if args.trainer_layout else model, ds_config(), lr=1e-2)
 
     losses = []
     for step in range(args.steps):
@@ -106,7 +121,7 @@ def main() -> None:
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(config_dir)
         with open(os.path.join(out_dir, "moe.json"), "w") as fh:
-            json.dump({"moe": to_dict(moe_config(world))}, fh)
+            json.dump({"moe": to_dict(moe_config(world, args.shard_central))}, fh)
     sums = expert_sums(engine.module)
     result = {"rank": rank, "losses": losses, "logits": logits.tolist(),
               "inputs": {k: v.tolist() for k, v in fixed_inputs().items()}, "checkpoint": ckpt_dir, "tag": TAG,
