@@ -16,7 +16,9 @@ routing with the same router weights (so the same tokens go to the same
 experts and every MoE variant pads to the same capacity):
 
     mpoe        our layer, MPO experts (lossless), per-step reconstruction under accumulation
-    mpoe_plain  the same, rebuilding in every micro-batch (only with --grad-accum > 1)
+    mpoe_shard  the same with moe.shard_central: each rank holds 1/ep_size of the
+                central tensors (only with 2+ ranks)
+    mpoe_plain  the same as mpoe, rebuilding in every micro-batch (only with --grad-accum > 1)
     ffn         our layer with plain dense experts: same dispatch, no reconstruction
     ds          deepspeed.moe.layer.MoE, expert nn.Sequential(Linear, GELU, Linear)
     dense       nn.Sequential(Linear, GELU, Linear) on every token
@@ -52,9 +54,12 @@ import common  # noqa: E402
 HIDDEN, FFN = 768, 3072
 AUX_COEF = 0.01
 LR = 1e-6  # small: routing stays put over the run, the optimizer still does all its work
-VARIANTS = ("mpoe", "mpoe_plain", "ffn", "ds", "dense")
+VARIANTS = ("mpoe", "mpoe_shard", "mpoe_plain", "ffn", "ds", "dense")
+MPOE_KINDS = ("mpoe", "mpoe_shard", "mpoe_plain")  # variants whose experts are rebuilt from MPO cores
+PER_STEP_KINDS = ("mpoe", "mpoe_shard")  # variants that rebuild once per optimizer step
 LABELS = {
     "mpoe": "MPOE (ours)",
+    "mpoe_shard": "MPOE, central tensors sharded over expert parallelism",
     "mpoe_plain": "MPOE, rebuild per micro-batch",
     "ffn": "ours, plain FFN experts",
     "ds": "DeepSpeed MoE",
@@ -93,7 +98,8 @@ def build_variant(kind: str, num_experts: int, ep_size: int):
 
     dense = DenseFFN.random(HIDDEN, FFN, seed=0)
     moe_cfg = MoEConfig(num_experts=num_experts, ep_size=ep_size, k=1, dropless=True, aux_loss_coef=AUX_COEF,
-                        expert_type="ffn" if kind == "ffn" else "mpo", activation="gelu")
+                        expert_type="ffn" if kind == "ffn" else "mpo", activation="gelu",
+                        shard_central=kind == "mpoe_shard")
 
     class Wrapped(nn.Module):
         def __init__(self, layer: nn.Module, has_aux: bool) -> None:
@@ -108,7 +114,7 @@ def build_variant(kind: str, num_experts: int, ep_size: int):
             out, aux, _ = self.layer(x)
             return out.float().pow(2).mean() + AUX_COEF * aux
 
-    if kind in ("mpoe", "mpoe_plain", "ffn"):
+    if kind in MPOE_KINDS + ("ffn",):
         layer = MPOEMoE.from_dense(dense, moe_cfg, MPOConfig())
         if not torch.equal(layer.deepspeed_moe.gate.wg.weight, router_weight(num_experts)):
             raise RuntimeError("router_weight() no longer matches MPOEMoE's router init; update it")
@@ -164,7 +170,7 @@ def train_step(engine, kind: str, batches, stopwatch: Optional[common.Stopwatch]
     sw = stopwatch or common.Stopwatch()
     accum = engine.gradient_accumulation_steps()
     for x in batches:
-        if kind == "mpoe" and accum > 1:
+        if kind in PER_STEP_KINDS and accum > 1:
             set_moe_micro_batch(engine.module, engine.micro_steps % accum, engine.is_gradient_accumulation_boundary())
         with sw.phase("forward"):
             loss = engine(x)
@@ -193,6 +199,7 @@ def parameter_accounting(engine, kind: str, zero: int, world: int, ep_size: int)
     expert-data-parallel group (world / ep_size) for experts.
     """
     import torch
+    from deepspeed.moe.utils import is_moe_param
 
     module = engine.module
     counts = {"dense": 0, "central": 0, "expert": 0}
@@ -207,7 +214,7 @@ def parameter_accounting(engine, kind: str, zero: int, world: int, ep_size: int)
         counts[k] += p.numel()
         param_bytes[k] += p.numel() * p.element_size()
         if p.requires_grad:
-            replicas = world // ep_size if k == "expert" and kind != "dense" else world
+            replicas = world // ep_size if is_moe_param(p) else world
             per_elem = (4 + 8) if zero >= 1 else 8
             state_bytes[k] += p.numel() * per_elem / (replicas if zero >= 1 else 1)
     opt = engine.optimizer
@@ -318,7 +325,7 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
     # ---- summary
     results = {}
     for k in kinds:
-        rebuilds = 0 if not recon[k] else (1 if (k == "mpoe" or args.grad_accum == 1) else args.grad_accum)
+        rebuilds = 0 if not recon[k] else (1 if (k in PER_STEP_KINDS or args.grad_accum == 1) else args.grad_accum)
         results[k] = {
             "label": LABELS[k],
             "step_s_median": common.median(times[k]),
@@ -337,7 +344,7 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
             results[k]["flops_vs_ds"] = results[k]["flops"] / std["flops"] if std["flops"] else None
             results[k]["expert_side_bytes_ds_over_this"] = std["expert_side_bytes"] / max(results[k][
                 "expert_side_bytes"], 1)
-        for k in ("mpoe", "mpoe_plain"):
+        for k in MPOE_KINDS:
             if k in results:
                 floor = 1.0 + results[k]["reconstruction_flops"] / cell["token_flops"]
                 results[k]["analytic_floor"] = floor
@@ -350,7 +357,8 @@ def worker(args) -> None:
 
     rank, world = common.init_worker()
     cells = [tuple(int(v) for v in c.split("x")) for c in args.cells]
-    kinds = [k for k in args.variants if k != "mpoe_plain" or args.grad_accum > 1]
+    kinds = [k for k in args.variants
+             if (k != "mpoe_plain" or args.grad_accum > 1) and (k != "mpoe_shard" or world > 1)]
     run = {"ranks": world, "ep_size": world, "grad_accum": args.grad_accum, "zero_stage": args.zero,
            "dtype": args.dtype, "threads_per_rank": torch.get_num_threads(), "warmup": args.warmup,
            "steps": args.steps, "cells": []}

@@ -7,6 +7,7 @@ state per rank for
 
     mpoe    our converted model (mpomoe_ds.convert.convert_model), MPO experts,
             lossless, per-step reconstruction under gradient accumulation
+    mpoe_shard  the same with moe.shard_central (2+ ranks only)
     ffn     the same conversion with plain dense experts (our layer)
     ds      DeepSpeed's own MoE (deepspeed.moe.layer.MoE, expert
             nn.Sequential(Linear, GELU(tanh), Linear)) in the same blocks
@@ -35,8 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-VARIANTS = ("mpoe", "ffn", "ds", "dense")
-LABELS = {"mpoe": "MPOE (ours)", "ffn": "ours, plain FFN experts", "ds": "DeepSpeed MoE", "dense": "dense GPT-2"}
+VARIANTS = ("mpoe", "mpoe_shard", "ffn", "ds", "dense")
+OUR_KINDS = ("mpoe", "mpoe_shard", "ffn")  # converted with mpomoe_ds.convert
+PER_STEP_KINDS = ("mpoe", "mpoe_shard")  # MPO experts rebuilt once per optimizer step
+LABELS = {"mpoe": "MPOE (ours)", "mpoe_shard": "MPOE, central sharded (moe.shard_central)",
+          "ffn": "ours, plain FFN experts", "ds": "DeepSpeed MoE", "dense": "dense GPT-2"}
 AUX_COEF = 0.01
 LR = 1e-6
 
@@ -57,9 +61,10 @@ def build_model(kind: str, args, ep_size: int):
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
     moe = MoEConfig(num_experts=args.experts, ep_size=ep_size, k=1, dropless=True, aux_loss_coef=AUX_COEF,
-                    layers="every_other", expert_type="ffn" if kind == "ffn" else "mpo")
+                    layers="every_other", expert_type="ffn" if kind == "ffn" else "mpo",
+                    shard_central=kind == "mpoe_shard")
     sink: list = []
-    if kind in ("mpoe", "ffn"):
+    if kind in OUR_KINDS:
         convert_model(model, moe, MPOConfig())
     elif kind == "ds":
         from deepspeed.moe.layer import MoE
@@ -102,7 +107,7 @@ def build_model(kind: str, args, ep_size: int):
 
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
             loss = self.lm(input_ids=input_ids, labels=input_ids).loss
-            if kind in ("mpoe", "ffn"):
+            if kind in OUR_KINDS:
                 loss = loss + self.lm.moe_aux.total_aux_loss()
                 self.lm.moe_aux.pop()
             elif kind == "ds":
@@ -133,7 +138,7 @@ def train_step(engine, kind: str, batches) -> None:
 
     accum = engine.gradient_accumulation_steps()
     for ids in batches:
-        if kind == "mpoe" and accum > 1:
+        if kind in PER_STEP_KINDS and accum > 1:
             set_moe_micro_batch(engine.module, engine.micro_steps % accum, engine.is_gradient_accumulation_boundary())
         engine.backward(engine(ids))
         engine.step()
@@ -141,12 +146,12 @@ def train_step(engine, kind: str, batches) -> None:
 
 def accounting(engine, zero: int, world: int, ep_size: int) -> dict[str, Any]:
     """Parameters on this rank and their bytes + attributed optimizer state (see layer.py)."""
-    from mpomoe_ds.params import parameter_kind
+    from deepspeed.moe.utils import is_moe_param
 
     params, state = 0, 0.0
     for p in engine.module.parameters():
         params += p.numel()
-        replicas = world // ep_size if parameter_kind(p) == "expert" else world
+        replicas = world // ep_size if is_moe_param(p) else world
         state += p.numel() * (4 + 12 / replicas if zero >= 1 else 12)
     return {"params": params, "state_bytes": int(state)}
 
@@ -159,7 +164,7 @@ def worker(args) -> None:
     tokens = args.seq * args.micro_batch
     gen = torch.Generator().manual_seed(100 + rank)
     batches = [torch.randint(0, 50257, (args.micro_batch, args.seq), generator=gen) for _ in range(args.grad_accum)]
-    kinds = list(args.variants)
+    kinds = [k for k in args.variants if k != "mpoe_shard" or world > 1]  # nothing to shard in one process
     engines = {k: make_engine(build_model(k, args, ep), args.grad_accum, args.zero) for k in kinds}
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for r in range(args.warmup + args.steps):

@@ -58,11 +58,14 @@ def layer_tables(data: dict[str, Any]) -> str:
                  f"{run['warmup']} warm-up")
         lines += [title, ""]
         has_plain = any("mpoe_plain" in c["variants"] for c in run["cells"])
+        has_shard = any("mpoe_shard" in c["variants"] for c in run["cells"])
         reruns = False
         head = ["E", "tokens/rank", "DeepSpeed MoE s/step", "MPOE s/step", "MPOE / DS", "paired", "floor",
                 "MPOE/DS ÷ floor"]
         if has_plain:
             head += ["MPOE rebuild per micro-batch / DS"]
+        if has_shard:
+            head += ["MPOE sharded central / DS"]
         head += ["ours-FFN / DS", "dense / DS", "load"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for cell in run["cells"]:
@@ -73,6 +76,8 @@ def layer_tables(data: dict[str, Any]) -> str:
                    _fmt(v["mpoe"]["analytic_floor"], ".3f"), _fmt(v["mpoe"]["time_over_floor"], ".3f")]
             if has_plain:
                 row += [_fmt(v["mpoe_plain"]["time_vs_ds"], ".3f") if "mpoe_plain" in v else "-"]
+            if has_shard:
+                row += [_fmt(v["mpoe_shard"]["time_vs_ds"], ".3f") if "mpoe_shard" in v else "-"]
             load = cell.get("load_average_at_end")
             row += [_fmt(v["ffn"]["time_vs_ds"], ".3f") if "ffn" in v else "-",
                     _fmt(v["dense"]["time_vs_ds"], ".3f") if "dense" in v else "-",
@@ -90,6 +95,8 @@ def layer_tables(data: dict[str, Any]) -> str:
         head = ["E", "tokens/rank", "peak MiB DS / MPOE / dense", "expert-side params DS / MPOE",
                 "expert-side params+opt. state MiB DS / MPOE", "DS ÷ MPOE", "all-to-all MB DS / MPOE",
                 "grad reduce MB DS / MPOE", "ZeRO param all-gather MB DS / MPOE"]
+        if has_shard:
+            head += ["sharded central: params+opt. state MiB", "DS ÷ MPOE sharded", "all-gather MB"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for cell in run["cells"]:
             v = cell["variants"]
@@ -103,6 +110,10 @@ def layer_tables(data: dict[str, Any]) -> str:
                    _pair(ds["comm_bytes"].get("all_to_all", 0), mp["comm_bytes"].get("all_to_all", 0), ranks),
                    _pair(_grad_bytes(ds["comm_bytes"]), _grad_bytes(mp["comm_bytes"]), ranks),
                    _pair(ds["comm_bytes"].get("all_gather", 0), mp["comm_bytes"].get("all_gather", 0), ranks)]
+            if has_shard:
+                sh = v.get("mpoe_shard")
+                row += ([f"{sh['expert_side_bytes'] / MiB:.0f}", f"{sh['expert_side_bytes_ds_over_this']:.2f}x",
+                         f"{sh['comm_bytes'].get('all_gather', 0) / MB:.1f}"] if sh else ["-", "-", "-"])
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -116,7 +127,7 @@ def plot_layer(data: dict[str, Any], path: Path) -> None:
 
     runs = data["runs"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    labels, measured, floors, plain, mem_ratio = [], [], [], [], []
+    labels, measured, floors, plain, mem_ratio, shard_ratio = [], [], [], [], [], []
     for run in runs:
         for cell in run["cells"]:
             v = cell["variants"]
@@ -126,6 +137,7 @@ def plot_layer(data: dict[str, Any], path: Path) -> None:
             floors.append(v["mpoe"]["analytic_floor"])
             plain.append(v["mpoe_plain"]["time_vs_ds"] if "mpoe_plain" in v else None)
             mem_ratio.append(v["mpoe"]["expert_side_bytes_ds_over_this"])
+            shard_ratio.append(v["mpoe_shard"]["expert_side_bytes_ds_over_this"] if "mpoe_shard" in v else None)
     xs = range(len(labels))
     ax = axes[0]
     ax.bar(list(xs), measured, width=0.6, label="measured MPOE / DeepSpeed MoE step time")
@@ -144,13 +156,17 @@ def plot_layer(data: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("Step time vs DeepSpeed MoE (lower is better)")
     ax = axes[1]
-    ax.bar(list(xs), mem_ratio, color="tab:green")
+    ax.bar(list(xs), mem_ratio, color="tab:green", label="MPOE")
+    sx = [x for x, r in zip(xs, shard_ratio) if r is not None]
+    if sx:
+        ax.scatter(sx, [r for r in shard_ratio if r is not None], color="k", marker="D", zorder=3,
+                   label="MPOE, central sharded over expert parallelism")
     ax.axhline(6.5, color="red", lw=0.8, ls="--", label="6.5x target (E = 16)")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel("DeepSpeed MoE ÷ MPOE")
     ax.set_title("Expert-side params + optimizer state per rank")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(common.machine_line(data["machine"]), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -198,16 +214,19 @@ def plot_model(data: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     runs = data["runs"]
-    kinds = list(runs[0]["variants"])
+    labels: dict[str, str] = {}  # every variant of any run, in order (one-process runs have no sharded variant)
+    for run in runs:
+        labels.update({k: v["label"] for k, v in run["variants"].items()})
+    kinds = list(labels)
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
-        xs = [j + i * width for j in range(len(kinds))]
-        vs = [run["variants"][k] for k in kinds]
-        axes[0].bar(xs, [v["tokens_per_s"] for v in vs], width=width, label=f"{run['ranks']} rank(s)")
-        axes[1].bar(xs, [v["state_bytes"] / MiB for v in vs], width=width, label=f"{run['ranks']} rank(s)")
+        present = [(j, run["variants"][k]) for j, k in enumerate(kinds) if k in run["variants"]]
+        xs = [j + i * width for j, _ in present]
+        axes[0].bar(xs, [v["tokens_per_s"] for _, v in present], width=width, label=f"{run['ranks']} rank(s)")
+        axes[1].bar(xs, [v["state_bytes"] / MiB for _, v in present], width=width, label=f"{run['ranks']} rank(s)")
     for ax, label in zip(axes, ("training tokens / s (all ranks)", "params + optimizer state MiB per rank")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(kinds))])
-        ax.set_xticklabels([runs[0]["variants"][k]["label"] for k in kinds], fontsize=8, rotation=10)
+        ax.set_xticklabels([labels[k] for k in kinds], fontsize=7, rotation=10)
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     fig.suptitle(common.machine_line(data["machine"]), fontsize=8)
