@@ -251,7 +251,7 @@ class ConversionReport:
                  f"({self.moe.num_experts} {self.moe.expert_type} experts, top-{self.moe.k}, "
                  f"ep_size={self.moe.ep_size}, activation={self.moe.activation})",
                  f"parameters: {before.total_local:,} before, {after.total_local:,} after on this rank "
-                 f"(central {after.central_local:,}, experts {after.expert_global:,} over all ranks)"]
+                 f"(central {after.central_global:,}, experts {after.expert_global:,} over all ranks)"]
         for b in self.blocks:
             bound = ", ".join(f"{m} {v:.2e}" for m, v in b.rel_error_bound.items()) or "exact"
             lines.append(f"  block {b.index} {b.block_name} -> MoE layer {b.layer_id}; rel. error bound: {bound}")

@@ -62,7 +62,8 @@ class ParameterReport:
 
     total_local: int
     dense_local: int  # dense, central excluded
-    central_local: int
+    central_local: int  # sharded central tensors (moe.shard_central): this rank's slices
+    central_global: int  # every central tensor at full size
     expert_local: int
     expert_global: int  # every expert of every rank (expert_local * ep_size per layer)
     trainable_local: int
@@ -70,7 +71,7 @@ class ParameterReport:
     @property
     def expert_side_global(self) -> int:
         """Parameters that exist because of the experts: central + all experts."""
-        return self.central_local + self.expert_global
+        return self.central_global + self.expert_global
 
     @property
     def expert_side_local(self) -> int:
@@ -90,13 +91,15 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     for p in model.parameters():
         counts[parameter_kind(p)] += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    expert_global = 0
+    expert_global = central_global = 0
     for _, layer in moe_layers(model):
         local = sum(p.numel() for p in layer.deepspeed_moe.experts.parameters())
         expert_global += local * layer.ep_size
+        central_global += sum(shape.numel() for shape in layer.central.full_shapes.values())
     return ParameterReport(total_local=sum(counts.values()),
                            dense_local=counts["dense"],
                            central_local=counts["central"],
+                           central_global=central_global,
                            expert_local=counts["expert"],
                            expert_global=expert_global,
                            trainable_local=trainable)

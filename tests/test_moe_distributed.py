@@ -37,6 +37,8 @@ def test_two_rank_expert_parallel_training_equals_single_process(tmp_path, zero,
             assert not r["central_sharded"] and central_names <= set(r["replicated_names"])
             assert r["central_local_numel"] == sum(r["central_full_numels"])
         assert r["state_dict_central_diff"] < GRAD_TOL
+        ours, single_process = r["report_expert_side_global"]  # counted at full size however it is laid out
+        assert ours == single_process
         assert "moe.deepspeed_moe.gate.wg.weight" in r["replicated_names"]
         assert not any("deepspeed_experts" in n for n in r["replicated_names"])
         # each expert lives on exactly one rank of the expert-parallel group

@@ -24,7 +24,7 @@ from torch import nn
 from mpomoe_ds.config import MoEConfig, MPOConfig
 from mpomoe_ds.engine import global_grad_norm, initialize
 from mpomoe_ds.moe_layer import MPOEMoE, set_moe_step
-from mpomoe_ds.params import optimizer_param_groups
+from mpomoe_ds.params import optimizer_param_groups, parameter_report
 
 HIDDEN, FFN, BATCH, SEQ, LR = 32, 64, 4, 6, 0.05
 # SGD, not Adam: Adam's g / (|g| + eps) turns roundoff in near-zero gradients into
@@ -165,6 +165,8 @@ def main() -> None:
     result["central_sharded"] = central.sharded
     result["central_local_numel"] = sum(p.numel() for p in central.values())
     result["central_full_numels"] = [shape.numel() for shape in central.full_shapes.values()]
+    report, ref_report = parameter_report(engine.module), parameter_report(reference)
+    result["report_expert_side_global"] = [report.expert_side_global, ref_report.expert_side_global]
     state = engine.module.state_dict()  # collective when sharded: full central tensors
     result["state_dict_central_diff"] = max(max_diff(state[f"moe.central.{m}"], reference.moe.central[m])
                                             for m in ("up", "down"))
