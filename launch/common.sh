@@ -4,7 +4,7 @@
 # mpirun.sh, slurm.sbatch); never run on its own.
 #
 # Owns what the launchers share: the launcher flags (parsed anywhere before a
-# `--`; every other argument goes to `python -m mpomoe_ds.train`), CPU mode,
+# `--`; every other argument goes to `python -m mpomoe_ds.cli.train`), CPU mode,
 # the pre-flight checks, and printing then exec'ing the exact command line.
 #
 # Pre-flight checks, cheapest first; each failure is one line on stderr,
@@ -21,7 +21,7 @@
 #   - the world size fits the MoE layout: num_experts % ep_size == 0 and
 #     world % ep_size == 0 (ep_size 0 = auto always fits). The values come from
 #     moe.num_experts= / moe.ep_size= overrides on the command line, else from
-#     `python -m mpomoe_ds.train --print_config <your args>` (a few seconds;
+#     `python -m mpomoe_ds.cli.train --print_config <your args>` (a few seconds;
 #     it also rejects a bad run config before any rank starts).
 #
 # Naming: mp_* functions and MP_* globals belong to this file; the scripts
@@ -357,12 +357,12 @@ mp_config_moe() {  # "<num_experts> <ep_size>" of the resolved run config (the t
     py=$(mp_python)
     command -v "$py" >/dev/null 2>&1 || mp_die "$py not found on PATH: activate the project's environment, or set MPOMOE_PYTHON"
     errors=$(mktemp)
-    out=$("$py" -m mpomoe_ds.train --print_config "${MP_TRAIN_ARGS[@]}" 2>"$errors") || status=$?
+    out=$("$py" -m mpomoe_ds.cli.train --print_config "${MP_TRAIN_ARGS[@]}" 2>"$errors") || status=$?
     if ((status)); then
         local last
         last=$(grep -v '^[[:space:]]*$' "$errors" | tail -n 1)
         rm -f "$errors"
-        mp_die "the trainer rejected the arguments (${last:-exit status $status}): fix them; check with: $py -m mpomoe_ds.train --print_config ARGS"
+        mp_die "the trainer rejected the arguments (${last:-exit status $status}): fix them; check with: $py -m mpomoe_ds.cli.train --print_config ARGS"
     fi
     rm -f "$errors"
     # The JSON starts at the first line that is exactly "{" (anything printed before it is a log line).

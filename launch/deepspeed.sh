@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# launch/deepspeed.sh: run `python -m mpomoe_ds.train` under DeepSpeed's launcher.
+# launch/deepspeed.sh: run `python -m mpomoe_ds.cli.train` under DeepSpeed's launcher.
 #
 # Usage: launch/deepspeed.sh [flags] [--] [training args]
 #   one node (all GPUs):  launch/deepspeed.sh --config RUN.yaml --deepspeed_config ds_configs/zero1_bf16.json
@@ -85,5 +85,5 @@ else
 fi
 
 mp_check_world "$world"
-MP_CMD+=("${MP_LAUNCHER_ARGS[@]}" --module mpomoe_ds.train "${MP_TRAIN_ARGS[@]}")
+MP_CMD+=("${MP_LAUNCHER_ARGS[@]}" --module mpomoe_ds.cli.train "${MP_TRAIN_ARGS[@]}")
 mp_exec

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# launch/mpirun.sh: run `python -m mpomoe_ds.train` under mpirun (OpenMPI or MPICH).
+# launch/mpirun.sh: run `python -m mpomoe_ds.cli.train` under mpirun (OpenMPI or MPICH).
 # The ranks find each other through mpi4py inside DeepSpeed
 # (deepspeed.init_distributed(auto_mpi_discovery=True), which the trainer calls).
 #
@@ -89,5 +89,5 @@ else
 fi
 
 mp_check_world "$world"
-MP_CMD+=("${MP_LAUNCHER_ARGS[@]}" "$(mp_python)" -m mpomoe_ds.train "${MP_TRAIN_ARGS[@]}")
+MP_CMD+=("${MP_LAUNCHER_ARGS[@]}" "$(mp_python)" -m mpomoe_ds.cli.train "${MP_TRAIN_ARGS[@]}")
 mp_exec

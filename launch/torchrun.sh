@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# launch/torchrun.sh: run `python -m mpomoe_ds.train` under torchrun (no ssh; one call per node).
+# launch/torchrun.sh: run `python -m mpomoe_ds.cli.train` under torchrun (no ssh; one call per node).
 #
 # Usage: launch/torchrun.sh [flags] [--] [training args]
 #   one node (all GPUs):  launch/torchrun.sh --config RUN.yaml --deepspeed_config ds_configs/zero1_bf16.json
@@ -48,5 +48,5 @@ else
 fi
 
 mp_check_world "$world"
-MP_CMD+=("${MP_LAUNCHER_ARGS[@]}" -m mpomoe_ds.train "${MP_TRAIN_ARGS[@]}")
+MP_CMD+=("${MP_LAUNCHER_ARGS[@]}" -m mpomoe_ds.cli.train "${MP_TRAIN_ARGS[@]}")
 mp_exec

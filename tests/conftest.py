@@ -60,3 +60,22 @@ def tiny_run_config(output_dir: Path, **train) -> dict:
         "train": {"max_steps": 6, "log_every": 2, "eval_at_start": False, "output_dir": str(output_dir),
                   "diversity_tokens": 64, "progress_bar": False, **train},
     }
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: extra threads only add contention (up to 10x slower on a loaded 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def minilm_and_batch(texts: list[str]):
+    """The packaged all-MiniLM-L6-v2 (eval mode) and ``texts`` tokenized with padding."""
+    from mpomoe_ds.models.hf import load_model, load_tokenizer
+
+    model = load_model("minilm").eval()
+    return model, dict(load_tokenizer("minilm")(texts, padding=True, return_tensors="pt"))

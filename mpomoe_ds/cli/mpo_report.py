@@ -126,7 +126,7 @@ def parse_max_bond(text: Optional[str]) -> Optional[int | list[int]]:
 def model_ffn_matrices(model: torch.nn.Module,
                        layers: Optional[Sequence[int]] = None) -> list[tuple[str, torch.Tensor]]:
     """``[(module_name, W_IJ), ...]``: up then down matrix of each selected FFN layer."""
-    from mpomoe_ds.hf_models import find_ffn_linears, linear_weight_in_out
+    from mpomoe_ds.models.hf import find_ffn_linears, linear_weight_in_out
 
     blocks = find_ffn_linears(model)
     if layers is None:
@@ -146,7 +146,7 @@ def model_ffn_matrices(model: torch.nn.Module,
 
 def collect_matrices(args: argparse.Namespace) -> tuple[str, list[tuple[str, torch.Tensor]]]:
     """The report's source description and its named matrices, from the parsed args."""
-    from mpomoe_ds import hf_models
+    from mpomoe_ds.models import hf as hf_models
 
     layers = args.layers
     if args.builtin == T5_FFN:
@@ -165,10 +165,10 @@ def collect_matrices(args: argparse.Namespace) -> tuple[str, list[tuple[str, tor
         model = hf_models.build_random_model(args.builtin, num_layers=num_layers, seed=args.seed)
         source = f"builtin {args.builtin} (random, seed {args.seed})"
     elif args.minilm:
-        model = hf_models.load_pretrained(hf_models.minilm_path())
+        model = hf_models.load_model("minilm")
         source = "packaged all-MiniLM-L6-v2"
     else:
-        model = hf_models.load_pretrained(args.model)
+        model = hf_models.load_model(args.model)
         source = args.model
     return source, model_ffn_matrices(model, layers)
 
@@ -204,7 +204,7 @@ def summarize(rows: Sequence[MatrixReport], experts: int) -> dict:
     """Totals over all rows; with ``experts`` > 0 also the MPOE parameter ratio.
 
     MPOE parameters per matrix position are ``|central| + E * |aux|`` against
-    ``E * |W|`` for E dense experts (SPEC section 3).
+    ``E * |W|`` for E dense experts.
     """
     dense = sum(r.dense_params for r in rows)
     central = sum(r.central_params for r in rows)

@@ -22,10 +22,12 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from mpomoe_ds.config import MoEConfig, to_dict
-from mpomoe_ds.convert import convert_model
-from mpomoe_ds.engine import initialize
-from mpomoe_ds.moe_layer import moe_layers
+from mpomoe_ds.moe.config import MoEConfig
+from mpomoe_ds.config import to_dict
+from mpomoe_ds.models.convert import convert_model
+from mpomoe_ds.training.config import OptimConfig
+from mpomoe_ds.training.engine import initialize
+from mpomoe_ds.moe.layer import moe_layers
 
 BATCH, SEQ, VOCAB, TAG = 4, 8, 100, "step2"
 
@@ -35,7 +37,7 @@ BERT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_l
 
 def moe_config(ep_size: int, shard_central: bool = False) -> MoEConfig:
     return MoEConfig(num_experts=4, ep_size=ep_size, k=2, dropless=True, expert_init="perturb", init_noise=0.2,
-                     aux_loss_coef=0.01, shard_central=shard_central)
+                     aux_loss_coef=0.01, shard_central=shard_central, layers="all")
 
 
 class TrainerLikeWrapper(torch.nn.Module):
@@ -96,7 +98,8 @@ def main() -> None:
     model = transformers.BertForSequenceClassification(transformers.BertConfig(**BERT))
     convert_model(model, moe_config(world, args.shard_central))
     initial_sums = expert_sums(model)
-    engine = initialize(TrainerLikeWrapper(model) if args.trainer_layout else model, ds_config(), lr=1e-2)
+    engine = initialize(TrainerLikeWrapper(model) if args.trainer_layout else model, ds_config(),
+                        optim=OptimConfig(lr=1e-2, weight_decay=0.0))
 
     losses = []
     for step in range(args.steps):

@@ -21,10 +21,11 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 from torch import nn
 
-from mpomoe_ds.config import MoEConfig, MPOConfig
-from mpomoe_ds.engine import global_grad_norm, initialize
-from mpomoe_ds.moe_layer import MPOEMoE, set_moe_step
-from mpomoe_ds.params import optimizer_param_groups, parameter_report
+from mpomoe_ds.moe.config import MoEConfig
+from mpomoe_ds.mpo.config import MPOConfig
+from mpomoe_ds.training.engine import global_grad_norm, initialize
+from mpomoe_ds.moe.layer import MPOEMoE
+from mpomoe_ds.moe.params import optimizer_param_groups, parameter_report
 
 HIDDEN, FFN, BATCH, SEQ, LR = 32, 64, 4, 6, 0.05
 # SGD, not Adam: Adam's g / (|g| + eps) turns roundoff in near-zero gradients into
@@ -99,7 +100,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     moe_cfg = MoEConfig(num_experts=4, ep_size=world, k=2, dropless=True, expert_init="perturb", init_noise=0.2,
                         aux_loss_coef=0.05, central_grad_keep_prob=args.keep_prob,
-                        shard_central=args.shard_central)
+                        shard_central=args.shard_central, layers="all")
     model = TinyMoEModel(moe_cfg, seed=0)
     reference = TinyMoEModel(dataclasses.replace(moe_cfg, ep_size=1), seed=0)
     num_local = model.moe.num_local_experts
@@ -113,8 +114,8 @@ def main() -> None:
     for step in range(args.steps):
         x, y = global_batch(step)
         half = slice(rank * BATCH, (rank + 1) * BATCH)
-        set_moe_step(model, step)
-        set_moe_step(reference, step)
+        model.moe.begin_step(step)
+        reference.moe.begin_step(step)
 
         loss = engine(x[half], y[half])
         engine.backward(loss)
@@ -154,6 +155,8 @@ def main() -> None:
             torch.nn.utils.clip_grad_norm_(reference.parameters(), args.clip)
         ref_opt.step()
         ref_opt.zero_grad()
+        model.moe.end_step()
+        reference.moe.end_step()
 
     # Parameters after training: vs the reference, and replicated tensors across ranks.
     result["param_diff"] = max(max_diff(p, as_held(n, ref_params[reference_name(n, rank, num_local)], model))

@@ -1,6 +1,6 @@
 """2-rank OMoE worker: real processes, real all-to-all, compared with a 1-rank run.
 
-Launched by tests/test_omoe.py as ``torchrun --nproc_per_node 2 tests/dist/omoe_worker.py``
+Launched by tests/omoe/test_omoe.py as ``torchrun --nproc_per_node 2 tests/dist/omoe_worker.py``
 (DS_ACCELERATOR=cpu, gloo). For (expert type, projection) in {(mpo, gradient), (ffn, update)}
 and ep_size in {2, 1}:
 
@@ -16,7 +16,7 @@ and ep_size in {2, 1}:
 * the diversity metrics of the EP layer (each rank passing its own tokens) must equal
   the 1-rank layer's on the whole batch (1e-5; ep_size 1: on the rank's own tokens);
 * every torch.distributed collective is counted by context: OMoE's own calls
-  (before_step / after_step) must be exactly one all-reduce at each switch to the
+  (begin_step / end_step) must be exactly one all-reduce at each switch to the
   orthogonal phase and nothing else; forward + backward may not gain collectives in the
   orthogonal phase.
 
@@ -37,11 +37,14 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
 
-from mpomoe_ds import parallel  # noqa: E402
-from mpomoe_ds.config import MoEConfig, MPOConfig  # noqa: E402
-from mpomoe_ds.diversity import layer_expert_similarity  # noqa: E402
-from mpomoe_ds.moe_layer import MPOEMoE  # noqa: E402
-from mpomoe_ds.omoe import OMoEConfig, OrthogonalExpertOptimizer  # noqa: E402
+from mpomoe_ds import parallel
+from mpomoe_ds.moe.config import MoEConfig
+from mpomoe_ds.mpo.config import MPOConfig
+from mpomoe_ds.omoe.diversity import layer_expert_similarity
+from mpomoe_ds.moe.layer import MPOEMoE
+from mpomoe_ds.moe.step import MoEStep
+from mpomoe_ds.omoe.config import OMoEConfig
+from mpomoe_ds.omoe.optimizer import OrthogonalExpertOptimizer
 
 D, F, E, TOKENS_PER_RANK, STEPS = 16, 32, 4, 24, 12
 ATOL = 2e-5
@@ -70,7 +73,7 @@ def run(expert_type: str, projection: str, ep_size: int, log: list[str]) -> list
     failures = []
     rank, world = dist.get_rank(), dist.get_world_size()
     moe = MoEConfig(num_experts=E, ep_size=ep_size, expert_type=expert_type, expert_init="perturb", init_noise=0.2,
-                    seed=11, aux_loss_coef=0.0)
+                    seed=11, aux_loss_coef=0.0, layers="all")
     ep_group = parallel.expert_parallel_group(ep_size)
     edp_group = parallel.expert_data_parallel_group(ep_size)
     omoe_cfg = OMoEConfig(enabled=True, acc_steps=3, orth_steps=3, alpha=0.01, matrices=["up", "down"],
@@ -95,9 +98,12 @@ def run(expert_type: str, projection: str, ep_size: int, log: list[str]) -> list
 
         before = sum(counted_in("omoe").values())
         context[0] = "omoe"
-        phase = omoe.before_step(step)
+        moe_step = MoEStep(layer, [omoe])
+        moe_step.begin_step(step)
+        phase = omoe.phase
         context[0] = "other"
-        ref_omoe.before_step(step)
+        ref_step = MoEStep(ref, [ref_omoe])
+        ref_step.begin_step(step)
 
         context[0] = "fwd_bwd"
         start = sum(counted_in("fwd_bwd").values())
@@ -118,7 +124,7 @@ def run(expert_type: str, projection: str, ep_size: int, log: list[str]) -> list
         context[0] = "other"
         opt.step()
         context[0] = "omoe"
-        omoe.after_step(step)
+        moe_step.end_step(step)
         context[0] = "other"
         omoe_calls.append((step, phase, sum(counted_in("omoe").values()) - before))
 
@@ -127,7 +133,7 @@ def run(expert_type: str, projection: str, ep_size: int, log: list[str]) -> list
         ref_opt.zero_grad()
         ((ref_out - target).square().sum() / target.numel()).backward()
         ref_opt.step()
-        ref_omoe.after_step(step)
+        ref_step.end_step(step)
 
         ref_experts = ref.deepspeed_moe.experts.deepspeed_experts
         for local, global_id in enumerate(local_ids):
@@ -176,7 +182,6 @@ def run(expert_type: str, projection: str, ep_size: int, log: list[str]) -> list
                f"diversity cos={sim.cosine:.4f} cka={sim.cka:.4f} (|EP - 1rank|={sim_err:.1e}) "
                f"cost: collectives/cycle={cost.collectives_per_cycle} comm bytes/cycle={cost.comm_bytes_per_cycle} "
                f"counters={omoe.counters}")
-    omoe.detach()
     return failures
 
 

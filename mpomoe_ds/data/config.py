@@ -1,0 +1,214 @@
+"""The ``data`` section: tasks, their sources, sequence length and sampling (no torch needed).
+
+``DataConfig`` validates every task entry when it is built, so a missing file
+extension, an unknown task or a task without data fails before any model or
+data work, naming ``data.tasks[i].field`` and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from mpomoe_ds.config import ConfigError, fail, from_dict
+from mpomoe_ds.data.builtin import BUILTINS, builtin_task_names
+from mpomoe_ds.data.tasks import METRICS_BY_KIND, TASKS, DataError, TaskSpec, task_names
+
+REMAINDERS = ("drop", "wrap")
+
+
+# File extension -> (datasets builder, builder kwargs). Compression suffixes
+# (.gz, .bz2, .xz, .zst) on top are handled by datasets.
+FILE_BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
+    # keep_default_na=False: a sentence that reads "NA" or "null" stays text.
+    ".csv": ("csv", {"keep_default_na": False}),
+    # QUOTE_NONE: GLUE-style tsv files contain unbalanced quote characters.
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "keep_default_na": False}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+
+
+SUPPORTED_EXTENSIONS = tuple(FILE_BUILDERS)
+
+
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+
+
+_DEFAULT_METRICS = {"classification": ("accuracy",), "regression": ("pearson", "spearman"),
+                    "lm": ("perplexity", "loss")}
+
+
+def file_extension(path: Union[str, Path]) -> str:
+    """'a/b.JSONL.gz' -> '.jsonl': the format suffix, ignoring a compression suffix."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+@dataclass
+class TaskEntry:
+    """One task in the data config.
+
+    name: a registered task (``mpomoe_ds.data.tasks.task_names()``) or, with
+        ``kind`` set, the name of a custom task described inline.
+    train_file / validation_file: local csv, tsv, json, jsonl or parquet files.
+    hub_dataset / hub_subset / train_split / validation_split: a Hugging Face
+        hub source (needs internet or a filled cache). GLUE tasks default to
+        ``nyu-mll/glue``; builtin tasks default to the builtin data set.
+    text_columns / label_column: column-name overrides (custom tasks: required
+        text_columns; label_column defaults to "label").
+    max_train_examples / max_eval_examples: keep only the first n rows.
+    kind / num_labels / metrics / primary_metric / label_names: define a
+        custom task (not allowed for a registered name).
+    """
+
+    name: str
+    train_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    hub_dataset: Optional[str] = None
+    hub_subset: Optional[str] = None
+    train_split: Optional[str] = None
+    validation_split: Optional[str] = None
+    text_columns: Optional[list[str]] = None
+    label_column: Optional[str] = None
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
+    kind: Optional[str] = None
+    num_labels: Optional[int] = None
+    metrics: Optional[list[str]] = None
+    primary_metric: Optional[str] = None
+    label_names: Optional[list[str]] = None
+
+
+_CUSTOM_FIELDS = ("kind", "num_labels", "metrics", "primary_metric", "label_names")
+
+
+@dataclass
+class DataConfig:
+    """The data section of the run config.
+
+    tasks: task entries (a mapping each, or just a task name). Empty = every
+        task of ``builtin``. Task ids are positions in this list.
+    builtin: embedded data set ("toy_glue": toy_sentiment, toy_topic,
+        toy_paraphrase; "toy_lm": toy_lm) that supplies data for builtin
+        tasks listed without files; null = none.
+    max_seq_len: every sequence is truncated/padded to exactly this length
+        (toy_glue fits in 32 MiniLM tokens).
+    temperature: T of multi-task sampling p_i ~ n_i^(1/T): 1 = proportional to
+        task size, larger = flatter, .inf = uniform.
+    seed: seed of task choice and per-task shuffling (>= 0).
+    num_workers: DataLoader worker processes building batches (0 = in the
+        training process; batches are slices of pre-tokenized arrays, so 0 is
+        usually fastest).
+    remainder: what a task's last, partial global batch of each pass does:
+        "drop" (skipped this pass; the shuffle differs next pass) or "wrap"
+        (filled from the start of the same shuffled pass).
+    """
+
+    tasks: list[TaskEntry] = field(default_factory=list)
+    builtin: Optional[str] = "toy_glue"
+    max_seq_len: int = 32
+    temperature: float = 1.0
+    seed: int = 1234
+    num_workers: int = 0
+    remainder: str = "drop"
+
+    def __post_init__(self) -> None:
+        if self.builtin is not None and self.builtin not in BUILTINS:
+            fail("data", "builtin", self.builtin, f"choose one of {sorted(BUILTINS)} or null")
+        if not isinstance(self.max_seq_len, int) or self.max_seq_len < 8:
+            fail("data", "max_seq_len", self.max_seq_len, "use an integer >= 8 (special tokens need room)")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            fail("data", "temperature", self.temperature, "use T > 0 (1 = proportional, .inf = uniform)")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            fail("data", "seed", self.seed, "use a non-negative integer seed")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            fail("data", "num_workers", self.num_workers, "use 0 (no workers) or a positive worker count")
+        if self.remainder not in REMAINDERS:
+            fail("data", "remainder", self.remainder, f"choose one of {list(REMAINDERS)}")
+        if not self.tasks:
+            if self.builtin is None:
+                fail("data", "tasks", self.tasks, "list at least one task, or set data.builtin (e.g. toy_glue)")
+            # Spell the builtin tasks out so the saved config says what ran.
+            self.tasks = [TaskEntry(name=name) for name in builtin_task_names(self.builtin)]
+        self.tasks = [_coerce_entry(entry, i) for i, entry in enumerate(self.tasks)]
+        names = [t.name for t in self.tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            fail("data", "tasks", names, f"task names must be unique, {duplicates} repeat; rename a custom copy")
+        for i, entry in enumerate(self.tasks):
+            _validate_entry(entry, i, self.builtin)
+
+
+def _coerce_entry(entry: Union[TaskEntry, dict, str], index: int) -> TaskEntry:
+    if isinstance(entry, TaskEntry):
+        return entry
+    if isinstance(entry, str):
+        return TaskEntry(name=entry)
+    if isinstance(entry, dict):
+        return from_dict(TaskEntry, entry, f"data.tasks[{index}]")
+    fail("data", f"tasks[{index}]", entry, "give a task name or a mapping with at least 'name'")
+
+
+def _validate_entry(entry: TaskEntry, index: int, builtin: Optional[str]) -> None:
+    where = f"tasks[{index}]"
+    if not isinstance(entry.name, str) or not entry.name:
+        fail("data", f"{where}.name", entry.name, "give the task a non-empty name")
+    for name in ("train_file", "validation_file"):
+        path = getattr(entry, name)
+        if path is not None and file_extension(path) not in FILE_BUILDERS:
+            fail("data", f"{where}.{name}", path, f"unsupported extension {file_extension(path)!r}; use one of "
+                  f"{list(SUPPORTED_EXTENSIONS)} (optionally compressed: {list(_COMPRESSIONS)})")
+    if entry.validation_file and not entry.train_file:
+        fail("data", f"{where}.train_file", None, "a task with a validation_file also needs a train_file")
+    if entry.train_file and entry.hub_dataset:
+        fail("data", f"{where}.hub_dataset", entry.hub_dataset, "give either local files or a hub data set, not both")
+    for name in ("max_train_examples", "max_eval_examples"):
+        value = getattr(entry, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            fail("data", f"{where}.{name}", value, "use a positive row count, or null for all rows")
+    try:
+        spec = resolve_task(entry)
+    except DataError as err:
+        raise ConfigError(f"data.{where} ({entry.name}): {err}") from None
+    if not (entry.train_file or entry.hub_dataset or spec.hub_dataset or from_builtin(spec, builtin)):
+        builtin_hint = next((b for b, tasks in BUILTINS.items() if spec.name in tasks), None)
+        fix = f"set data.builtin: {builtin_hint}" if builtin_hint else "give hub_dataset"
+        fail("data", f"{where}.train_file", None, f"task {spec.name!r} has no data source; give train_file or {fix}")
+
+
+def resolve_task(entry: TaskEntry) -> TaskSpec:
+    """The TaskSpec an entry describes: a registered task with column overrides, or a custom one."""
+    custom = {name: getattr(entry, name) for name in _CUSTOM_FIELDS if getattr(entry, name) is not None}
+    if entry.name in TASKS:
+        if custom:
+            raise DataError(f"{entry.name!r} is a registered task, so {sorted(custom)} are fixed; remove them, "
+                            f"or give your custom task another name")
+        return TASKS[entry.name].with_columns(entry.text_columns, entry.label_column)
+    if entry.kind is None:
+        raise DataError(f"unknown task {entry.name!r}; registered tasks are {task_names()}. To define a custom "
+                        f"task set kind ({'/'.join(METRICS_BY_KIND)}), text_columns and, for classification, "
+                        f"num_labels")
+    if not entry.text_columns:
+        raise DataError(f"custom task {entry.name!r} needs text_columns (one column, or two for a pair)")
+    kind = entry.kind
+    num_labels = {"regression": 1, "lm": 0}.get(kind, entry.num_labels)
+    if kind == "classification" and num_labels is None:
+        raise DataError(f"custom classification task {entry.name!r} needs num_labels")
+    if entry.num_labels is not None and entry.num_labels != num_labels:
+        raise DataError(f"custom {kind} task {entry.name!r}: num_labels={entry.num_labels} must be {num_labels}")
+    return TaskSpec(
+        name=entry.name, kind=kind, text_columns=tuple(entry.text_columns),
+        label_column=None if kind == "lm" else (entry.label_column or "label"),
+        num_labels=num_labels, metrics=tuple(entry.metrics or _DEFAULT_METRICS.get(kind, ())),
+        primary_metric=entry.primary_metric or "",
+        label_names=tuple(entry.label_names) if entry.label_names else None)
+
+
+def from_builtin(spec: TaskSpec, builtin: Optional[str]) -> bool:
+    return builtin is not None and spec.name in BUILTINS[builtin]

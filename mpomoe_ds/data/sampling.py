@@ -1,0 +1,258 @@
+"""Multi-task sampling: this rank's resumable stream of single-task training batches.
+
+The task of step s is a function of (seed, s) alone, so every rank trains the
+same task (and task head) at the same step; each rank reads its own disjoint
+rows of the global batch. Shape legend: B per-rank micro-batch, W world size,
+G = B * W global batch, K tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mpomoe_ds.data.config import REMAINDERS, DataConfig
+from mpomoe_ds.data.tasks import DataError
+from mpomoe_ds.data.tokenize import TaskData, make_batch
+
+
+def temperature_probabilities(sizes: Sequence[int], temperature: float) -> np.ndarray:
+    """p_i = n_i^(1/T) / sum_j n_j^(1/T): T = 1 proportional, T -> inf uniform."""
+    log_weights = np.log(np.asarray(sizes, dtype=np.float64)) / temperature
+    weights = np.exp(log_weights - log_weights.max())  # shift: no overflow for huge n or small T
+    return weights / weights.sum()
+
+
+class BatchIndex(NamedTuple):
+    """One step of this rank: the step number, its task, and this rank's rows (B,)."""
+
+    step: int
+    task_id: int
+    indices: np.ndarray
+
+
+# Distinct entropy words so the task-choice and shuffle streams never coincide.
+_TASK_STREAM, _SHUFFLE_STREAM = 0x7A5C, 0x5F1E
+_CHUNK = 1024  # steps of task choices drawn at once
+
+
+class MultiTaskBatchSampler:
+    """Which task and which rows each step uses, for one rank; a pure function of (seed, step).
+
+    Task choice. Step s draws its task from p = temperature_probabilities(n, T)
+    with a generator seeded by (seed, s // 1024): it does not depend on rank
+    or world size, so every rank picks the same task at the same step.
+
+    Rows. Task i is read in passes; pass q is a permutation of its n_i rows
+    seeded by (seed, i, q). Its k-th selected batch is global batch k of that
+    stream: G = B * W consecutive rows of the permutation, of which rank r
+    takes rows [r B, (r+1) B), so ranks hold disjoint shards of every batch and,
+    with remainder "drop", of every pass. A pass has n_i // G batches ("drop":
+    the n_i % G leftover rows sit out this pass, others next pass) or
+    ceil(n_i / G) ("wrap": the last batch is completed from the start of the
+    permutation; a task smaller than G repeats rows, possibly across ranks
+    within one batch, which is the price of using it at all). k is the number of earlier steps that chose task i, so the
+    state at step s is recomputed from (seed, s) alone: resuming is exact.
+
+    Epochs. The stream is infinite; ``steps_per_epoch`` = sum_i batches per
+    pass (one pass over every task in expectation at T = 1).
+    """
+
+    def __init__(self, task_sizes: Sequence[int], batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 temperature: float = 1.0, seed: int = 0, remainder: str = "drop", start_step: int = 0,
+                 task_names: Optional[Sequence[str]] = None) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if batch_size < 1 or remainder not in REMAINDERS or start_step < 0 or not task_sizes:
+            raise ValueError(f"need batch_size >= 1 (got {batch_size}), remainder in {REMAINDERS} "
+                             f"(got {remainder!r}), start_step >= 0 (got {start_step}) and at least one task")
+        self.task_sizes = tuple(int(n) for n in task_sizes)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.temperature, self.seed, self.remainder = float(temperature), int(seed), remainder
+        self.start_step = start_step
+        self.global_batch_size = batch_size * world_size
+        self.probabilities = temperature_probabilities(self.task_sizes, self.temperature)
+        names = list(task_names) if task_names else [f"task {i}" for i in range(len(self.task_sizes))]
+        G = self.global_batch_size
+        self.batches_per_pass = tuple(n // G if remainder == "drop" else -(-n // G) for n in self.task_sizes)
+        for name, n, batches in zip(names, self.task_sizes, self.batches_per_pass):
+            if batches == 0:
+                raise DataError(f"{name}: {n} training rows are fewer than one global batch (micro-batch "
+                                f"{batch_size} x {world_size} ranks = {G}); set data.remainder: wrap, "
+                                f"use a smaller micro-batch, or add data")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return sum(self.batches_per_pass)
+
+    def fingerprint(self) -> tuple:
+        """What must agree on every rank for the plans to line up (rank excluded)."""
+        return (self.task_sizes, self.batch_size, self.world_size, self.temperature, self.seed, self.remainder)
+
+    def _chunk_tasks(self, chunk: int) -> np.ndarray:
+        """Task ids of steps [chunk * 1024, (chunk + 1) * 1024), by inverse-CDF sampling."""
+        uniform = np.random.default_rng([self.seed, _TASK_STREAM, chunk]).random(_CHUNK)
+        tasks = np.searchsorted(np.cumsum(self.probabilities), uniform, side="right")
+        return np.minimum(tasks, len(self.task_sizes) - 1)  # cumsum may end at 1 - eps
+
+    def task_sequence(self, start: int, stop: int) -> np.ndarray:
+        """Task ids of steps [start, stop) (identical on every rank)."""
+        chunks = range(start // _CHUNK, -(-stop // _CHUNK))
+        tasks = np.concatenate([self._chunk_tasks(c) for c in chunks]) if stop > start else np.zeros(0, np.int64)
+        offset = start - (start // _CHUNK) * _CHUNK
+        return tasks[offset: offset + stop - start]
+
+    def _global_rows(self, task: int, k: int, cache: dict[int, tuple[int, np.ndarray]]) -> np.ndarray:
+        """Rows of the k-th global batch (G,) of ``task``; cache holds each task's current pass."""
+        n, batches, G = self.task_sizes[task], self.batches_per_pass[task], self.global_batch_size
+        pass_index, j = divmod(k, batches)
+        if cache.get(task, (-1,))[0] != pass_index:
+            order = np.random.default_rng([self.seed, _SHUFFLE_STREAM, task, pass_index]).permutation(n)
+            if self.remainder == "wrap":
+                order = np.resize(order, batches * G)  # repeats the permutation cyclically
+            cache[task] = (pass_index, order)
+        return cache[task][1][j * G:(j + 1) * G]
+
+    def __iter__(self) -> Iterator[BatchIndex]:
+        """Infinite: steps start_step, start_step + 1, ..."""
+        step = self.start_step
+        counts = np.bincount(self.task_sequence(0, step), minlength=len(self.task_sizes))
+        cache: dict[int, tuple[int, np.ndarray]] = {}
+        chunk, tasks = -1, np.zeros(0, np.int64)
+        lo = self.rank * self.batch_size
+        while True:
+            if step // _CHUNK != chunk:
+                chunk = step // _CHUNK
+                tasks = self._chunk_tasks(chunk)
+            task = int(tasks[step % _CHUNK])
+            rows = self._global_rows(task, int(counts[task]), cache)
+            counts[task] += 1
+            yield BatchIndex(step, task, rows[lo: lo + self.batch_size])
+            step += 1
+
+
+class _BatchFetcher(torch.utils.data.Dataset):
+    """Map-style view for a DataLoader whose batch_sampler yields BatchIndex."""
+
+    def __init__(self, tasks: Sequence[TaskData]) -> None:
+        self.tasks = list(tasks)
+
+    def __getitems__(self, index: BatchIndex) -> dict[str, torch.Tensor]:
+        task = self.tasks[index.task_id]
+        return make_batch(task, task.train, index.indices)
+
+    def __getitem__(self, index: BatchIndex) -> dict[str, torch.Tensor]:
+        return self.__getitems__(index)
+
+
+def _passthrough(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return batch  # module-level (not a lambda) so worker processes can pickle it
+
+
+class TrainBatches:
+    """This rank's infinite stream of training batches, resumable to the exact step.
+
+    ``for batch in train_batches: ...`` yields ``make_batch`` dicts, one
+    task per batch (``int(batch["task_id"][0])``). ``step`` counts batches
+    handed out; ``state_dict()`` saves it (with the plan's fingerprint) and
+    ``load_state_dict()`` / ``skip()`` move it; call them before iterating:
+    a running iterator keeps its position. With num_workers > 0 the workers
+    prefetch ahead, but the counted step is the consumer's, so checkpoints
+    stay exact.
+    """
+
+    def __init__(self, tasks: Sequence[TaskData], batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 temperature: float = 1.0, seed: int = 0, remainder: str = "drop", num_workers: int = 0) -> None:
+        self.tasks = list(tasks)
+        self.num_workers = num_workers
+        self._sampler_args = dict(batch_size=batch_size, rank=rank, world_size=world_size,
+                                  temperature=temperature, seed=seed, remainder=remainder,
+                                  task_names=[t.spec.name for t in self.tasks])
+        self.sampler = self._make_sampler(0)  # validates sizes now, not at the first step
+        self.step = 0
+
+    def _make_sampler(self, start_step: int) -> MultiTaskBatchSampler:
+        return MultiTaskBatchSampler([len(t.train) for t in self.tasks], start_step=start_step,
+                                     **self._sampler_args)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.sampler = self._make_sampler(self.step)
+        if self.num_workers == 0:
+            fetcher = _BatchFetcher(self.tasks)
+            batches: Any = map(fetcher.__getitems__, self.sampler)
+        else:
+            batches = torch.utils.data.DataLoader(_BatchFetcher(self.tasks), batch_sampler=self.sampler,
+                                                  collate_fn=_passthrough, num_workers=self.num_workers)
+        for batch in batches:
+            self.step += 1
+            yield batch
+
+    def skip(self, steps: int) -> None:
+        """Advance by ``steps`` batches without building them."""
+        if steps < 0:
+            raise ValueError(f"steps={steps}: cannot skip backwards; use load_state_dict")
+        self.step += steps
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "fingerprint": _jsonable(self.sampler.fingerprint())}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Continue at state["step"]; strict: the saved plan must match (same data, batch, ranks, seed, T)."""
+        saved, current = state.get("fingerprint"), _jsonable(self.sampler.fingerprint())
+        if strict and saved != current:
+            labels = ("task_sizes", "batch_size", "world_size", "temperature", "seed", "remainder")
+            diffs = [f"{name}: saved {a} now {b}" for name, a, b in zip(labels, saved or [None] * 6, current)
+                     if a != b]
+            raise DataError(f"the data plan changed since the checkpoint ({'; '.join(diffs)}), so resuming "
+                            f"would not continue the same batches; restore the setting, or pass strict=False "
+                            f"to continue at step {state['step']} with the new plan")
+        self.step = int(state["step"])
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples -> lists so a fingerprint compares equal after a JSON/pickle round trip."""
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def train_batches(tasks: Sequence[TaskData], config: DataConfig, batch_size: int, *, rank: int = 0,
+                  world_size: int = 1) -> TrainBatches:
+    """This rank's training stream for ``config``; batch_size is DeepSpeed's micro-batch per GPU."""
+    return TrainBatches(tasks, batch_size, rank=rank, world_size=world_size, temperature=config.temperature,
+                        seed=config.seed, remainder=config.remainder, num_workers=config.num_workers)
+
+
+def check_same_plan(sampler: MultiTaskBatchSampler, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Raise DataError on every rank if ranks built different plans (they would hang in all-to-all).
+
+    Different plans come from different data files or settings on different
+    nodes. Costs one small all_gather_object; call it once after building
+    the training stream. No-op outside torch.distributed.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    plans: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(plans, sampler.fingerprint(), group=group)
+    odd = [r for r, plan in enumerate(plans) if plan != plans[0]]
+    if odd:
+        raise DataError(f"ranks {odd} built a different data plan than rank 0 ({plans[odd[0]]} vs {plans[0]}); "
+                        f"every rank must see the same data files and data config")
+
+
+def describe_tasks(tasks: Sequence[TaskData], sampler: MultiTaskBatchSampler) -> str:
+    """A table for the rank-0 log: sizes, sampling probability, batches per pass, truncation."""
+    lines = [f"{'id':>2} {'task':<16} {'kind':<14} {'train':>8} {'valid':>6} {'p':>6} {'batches/pass':>12} "
+             f"{'at max_len':>10}"]
+    for task, p, batches in zip(tasks, sampler.probabilities, sampler.batches_per_pass):
+        valid = len(task.validation) if task.validation is not None else 0
+        lines.append(f"{task.task_id:>2} {task.spec.name:<16} {task.spec.kind:<14} {len(task.train):>8} "
+                     f"{valid:>6} {p:>6.3f} {batches:>12} {task.train.num_at_max_len:>10}")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""Tokenization: every task's splits tokenized once into fixed-length arrays, and batches cut from them.
+
+Shape legend: N examples in a split, L = max_seq_len, B rows of a batch.
+Every sequence is padded to exactly ``max_seq_len`` (see the distributed
+contract in :mod:`mpomoe_ds.data`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+
+from mpomoe_ds.data.config import DataConfig, resolve_task
+from mpomoe_ds.data.loading import RawSplit, load_task_splits
+from mpomoe_ds.data.tasks import TaskSpec
+
+if TYPE_CHECKING:  # transformers is slow to import and only needed for the type
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class EncodedSplit:
+    """One tokenized split, every row padded (right) to exactly L = max_seq_len.
+
+    input_ids_NL int32, attention_mask_NL int8 (1 = real token),
+    token_type_ids_NL int8 or None (tokenizers without segment ids),
+    labels_N int64 / float32, or None for lm (labels come from input_ids).
+    """
+
+    input_ids_NL: np.ndarray
+    attention_mask_NL: np.ndarray
+    token_type_ids_NL: Optional[np.ndarray]
+    labels_N: Optional[np.ndarray]
+
+    def __len__(self) -> int:
+        return self.input_ids_NL.shape[0]
+
+    @property
+    def num_at_max_len(self) -> int:
+        """Rows that fill all L positions: an upper bound on rows truncated by max_seq_len."""
+        return int((self.attention_mask_NL[:, -1] == 1).sum())
+
+
+def _pad(sequences: list[list[int]], length: int, value: int, dtype: type) -> np.ndarray:
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+    out = np.full((len(sequences), length), value, dtype=dtype)
+    # Row-major boolean assignment fills each row's first len(row) slots in order.
+    out[np.arange(length) < lengths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(sequences), dtype=dtype, count=int(lengths.sum()))
+    return out
+
+
+def pad_token_id(tokenizer: "PreTrainedTokenizerBase") -> int:
+    """The id written at padded positions: pad, else eos (GPT-2 has no pad token), else 0.
+
+    Padded positions are masked out of attention and loss, so any valid id
+    works; choosing one here avoids mutating the caller's tokenizer.
+    """
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def encode_split(raw: RawSplit, tokenizer: "PreTrainedTokenizerBase", max_seq_len: int) -> EncodedSplit:
+    """Tokenize one split (pairs truncated longest-first) and pad every row to max_seq_len."""
+    enc = tokenizer(*raw.texts, truncation=True, max_length=max_seq_len, padding=False)
+    ids = enc["input_ids"]
+    token_types = enc.get("token_type_ids")
+    return EncodedSplit(
+        input_ids_NL=_pad(ids, max_seq_len, pad_token_id(tokenizer), np.int32),
+        attention_mask_NL=_pad([[1] * len(x) for x in ids], max_seq_len, 0, np.int8),
+        token_type_ids_NL=None if token_types is None else _pad(token_types, max_seq_len, 0, np.int8),
+        labels_N=raw.labels_N)
+
+
+@dataclass
+class TaskData:
+    """A ready task: its id (position in DataConfig.tasks), spec, and encoded splits."""
+
+    task_id: int
+    spec: TaskSpec
+    train: EncodedSplit
+    validation: Optional[EncodedSplit]
+    train_source: str = ""
+    validation_source: str = ""
+
+
+def prepare_tasks(config: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> list[TaskData]:
+    """Load, validate and tokenize every task of the config, in task-id order.
+
+    Raises DataError on the first problem, before any training starts. Every
+    rank calls this and gets identical arrays (loading is deterministic).
+    """
+    tasks = []
+    for task_id, entry in enumerate(config.tasks):
+        spec = resolve_task(entry)
+        train, validation = load_task_splits(entry, spec, config.builtin)
+        tasks.append(TaskData(
+            task_id=task_id, spec=spec,
+            train=encode_split(train, tokenizer, config.max_seq_len),
+            validation=None if validation is None else encode_split(validation, tokenizer, config.max_seq_len),
+            train_source=train.source, validation_source=validation.source if validation else ""))
+    return tasks
+
+
+def make_batch(task: TaskData, split: EncodedSplit, indices_B: np.ndarray) -> dict[str, torch.Tensor]:
+    """The model inputs for rows ``indices_B`` of ``split``, as int64/float32 CPU tensors.
+
+    Keys: input_ids, attention_mask, token_type_ids (when the tokenizer makes
+    them), labels, task_id (B,) (all equal: batches are single-task). For lm
+    tasks labels = input_ids with -100 on padding (HF causal LMs shift
+    internally). Pop task_id before calling a Hugging Face model.
+    """
+    input_ids = torch.from_numpy(split.input_ids_NL[indices_B].astype(np.int64))
+    attention_mask = torch.from_numpy(split.attention_mask_NL[indices_B].astype(np.int64))
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if split.token_type_ids_NL is not None:
+        batch["token_type_ids"] = torch.from_numpy(split.token_type_ids_NL[indices_B].astype(np.int64))
+    if split.labels_N is None:
+        batch["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
+    else:
+        batch["labels"] = torch.from_numpy(split.labels_N[indices_B])
+    batch["task_id"] = torch.full((len(indices_B),), task.task_id, dtype=torch.int64)
+    return batch

@@ -1,0 +1,190 @@
+"""The ``moe`` section: experts, routing, the gradient mask (no torch needed).
+
+The defaults are the embedded default run's: 4 experts in every other block,
+top-1, dropless, experts perturbed per global id, expert parallelism over as
+many ranks as there are processes (``ep_size: 0``, resolved by
+:meth:`MoEConfig.with_ep_size` when layers are built). The Python API and the
+training CLI start from the same values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Union
+
+from mpomoe_ds.config import ConfigError, check_choice, fail
+
+# The expert matrices of an FFN, in x @ W orientation: up (D -> F), down (F -> D).
+MATRICES = ("up", "down")
+
+# Expert activation name -> (torch.nn.functional function, keyword arguments); the
+# experts resolve it, the config only needs the names.
+ACTIVATIONS: dict[str, tuple[str, dict[str, str]]] = {
+    "gelu": ("gelu", {}),
+    "gelu_new": ("gelu", {"approximate": "tanh"}),
+    "gelu_tanh": ("gelu", {"approximate": "tanh"}),
+    "relu": ("relu", {}),
+    "silu": ("silu", {}),
+}
+
+
+NOISY_GATES = ("none", "jitter", "rsample")
+
+
+GATE_WEIGHTINGS = ("straight_through", "normalized", "softmax")
+
+
+DROP_POLICIES = ("position", "probs")
+
+
+EXPERT_TYPES = ("mpo", "ffn")
+
+
+EXPERT_INITS = ("copy", "perturb")
+
+
+@dataclass
+class MoEConfig:
+    """The MoE layer: experts, routing and the central-tensor gradient mask.
+
+    num_experts: E, experts per MoE layer.
+    ep_size: expert-parallel group size; num_experts % ep_size == 0. 0 = automatic:
+        the largest divisor of num_experts that divides the number of processes
+        (:meth:`with_ep_size`; 1 in a single process).
+    k: experts per token (top-k).
+    capacity_factor / eval_capacity_factor: slots per expert = ceil(k*T/E * factor);
+        ignored when dropless.
+    min_capacity: lower bound on slots per expert.
+    dropless: no token is dropped; the capacity is the largest per-expert load
+        across the expert-parallel group.
+    drop_policy: which routes survive a full expert: "position" (earlier
+        tokens, first choices first) or "probs" (higher router probability).
+    aux_loss_coef: weight of the Switch load-balancing loss E * sum_e f_e P_e.
+    noisy_gate: "none", "jitter" (multiplicative input noise) or "rsample"
+        (Gumbel noise on the logits used to select experts), training only.
+    gate_weighting: how router probabilities weight expert outputs:
+        "straight_through" w = p / sum_topk(p).detach() (value: the normalised
+        top-k probabilities, exactly 1 for k=1, so upcycling is exact),
+        "normalized" w = p / sum_topk(p) (full gradient; k>=2 only),
+        "softmax" w = p (DeepSpeed's top-1 behaviour).
+    expert_type: "mpo" (shared central tensor + per-expert auxiliaries) or
+        "ffn" (plain dense experts: the standard-MoE baseline).
+    activation: the expert FFN activation.
+    layers: which FFN blocks become MoE: "all", "every_other" (1, 3, 5, ...),
+        or a list of layer indices.
+    expert_init: "copy" (every expert the pretrained FFN) or "perturb"
+        (auxiliary / expert weights get relative noise init_noise, seeded per
+        global expert id).
+    init_noise: relative std of the "perturb" noise.
+    seed: seed for router init and per-expert noise.
+    central_grad_keep_prob: p of the Bernoulli mask on the central tensor's
+        gradient (1 = no mask, 0 = central tensor frozen).
+    central_grad_rescale: multiply kept gradient entries by 1/p.
+    aux_grad_keep_prob: the same mask on auxiliary tensors (1 = off).
+    shard_central: with ep_size > 1, each rank of the expert-parallel group
+        holds 1/ep_size of every central tensor (and of its gradient and
+        optimizer state) and all-gathers it to rebuild experts, instead of a
+        full replica per rank (mpomoe_ds.moe.central). No effect at ep_size 1.
+    """
+
+    num_experts: int = 4
+    ep_size: int = 0
+    k: int = 1
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    dropless: bool = True
+    drop_policy: str = "position"
+    aux_loss_coef: float = 0.01
+    noisy_gate: str = "none"
+    gate_weighting: str = "straight_through"
+    expert_type: str = "mpo"
+    activation: str = "gelu"
+    layers: Union[str, list[int]] = "every_other"
+    expert_init: str = "perturb"
+    init_noise: float = 0.01
+    seed: int = 1234
+    central_grad_keep_prob: float = 1.0
+    central_grad_rescale: bool = False
+    aux_grad_keep_prob: float = 1.0
+    shard_central: bool = False
+
+    def __post_init__(self) -> None:
+        s = "moe"
+        if self.num_experts < 1:
+            fail(s, "num_experts", self.num_experts, "use at least 1 expert")
+        if self.ep_size < 0:
+            fail(s, "ep_size", self.ep_size, "use ep_size >= 1, or 0 for automatic (the training CLI picks "
+                  "the largest divisor of num_experts that divides the number of processes)")
+        if self.ep_size and self.num_experts % self.ep_size:
+            divisors = [d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0]
+            fail(s, "ep_size", self.ep_size,
+                  f"num_experts={self.num_experts} is not divisible by ep_size={self.ep_size}; "
+                  f"use an ep_size in {divisors} or change num_experts to a multiple of {self.ep_size}")
+        if not 1 <= self.k <= self.num_experts:
+            fail(s, "k", self.k, f"use 1 <= k <= num_experts={self.num_experts}")
+        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
+            fail(s, "capacity_factor", (self.capacity_factor, self.eval_capacity_factor),
+                  "capacity factors must be > 0 (or set dropless: true)")
+        if self.min_capacity < 0:
+            fail(s, "min_capacity", self.min_capacity, "use min_capacity >= 0")
+        check_choice(s, "drop_policy", self.drop_policy, DROP_POLICIES)
+        if self.aux_loss_coef < 0:
+            fail(s, "aux_loss_coef", self.aux_loss_coef, "use a coefficient >= 0")
+        check_choice(s, "noisy_gate", self.noisy_gate, NOISY_GATES)
+        check_choice(s, "gate_weighting", self.gate_weighting, GATE_WEIGHTINGS)
+        if self.gate_weighting == "normalized" and self.k == 1:
+            fail(s, "gate_weighting", self.gate_weighting,
+                  "with k=1 normalised weights are constant 1 and the router gets no gradient; "
+                  "use 'straight_through' (same value, router trained) or 'softmax'")
+        check_choice(s, "expert_type", self.expert_type, EXPERT_TYPES)
+        check_choice(s, "activation", self.activation, ACTIVATIONS)
+        if isinstance(self.layers, str):
+            check_choice(s, "layers", self.layers, ("all", "every_other"))
+        elif not all(isinstance(i, int) and i >= 0 for i in self.layers) or not self.layers:
+            fail(s, "layers", self.layers, "give 'all', 'every_other' or a non-empty list of layer indices")
+        check_choice(s, "expert_init", self.expert_init, EXPERT_INITS)
+        if self.init_noise < 0:
+            fail(s, "init_noise", self.init_noise, "use a relative noise std >= 0")
+        for name in ("central_grad_keep_prob", "aux_grad_keep_prob"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                fail(s, name, p, "a keep probability must be in [0, 1] (1 disables the mask, 0 freezes)")
+        if self.shard_central and self.expert_type != "mpo":
+            fail(s, "shard_central", True, "plain experts (expert_type 'ffn') have no central tensor; "
+                  "set shard_central: false or expert_type: mpo")
+        if self.aux_grad_keep_prob == 0.0:
+            fail(s, "aux_grad_keep_prob", 0.0, "freezing every expert's auxiliaries leaves nothing to train; "
+                  "use a value in (0, 1]")
+
+    def with_ep_size(self, world_size: int) -> "MoEConfig":
+        """This config with ``ep_size: 0`` (automatic) resolved for ``world_size`` processes.
+
+        Automatic = the largest divisor of ``num_experts`` that also divides the
+        world size, so every rank holds the same number of experts. An explicit
+        ep_size is returned unchanged.
+        """
+        if self.ep_size:
+            return self
+        ep = max(d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0 and world_size % d == 0)
+        return dataclasses.replace(self, ep_size=ep)
+
+    @property
+    def num_local_experts(self) -> int:
+        if not self.ep_size:
+            raise ConfigError("moe.ep_size=0 (automatic) must be resolved before building layers: "
+                              "use MoEConfig.with_ep_size(world_size), or set an explicit ep_size")
+        return self.num_experts // self.ep_size
+
+    def moe_layer_indices(self, num_layers: int) -> list[int]:
+        """The FFN block indices that become MoE in a model with num_layers blocks."""
+        if self.layers == "all":
+            return list(range(num_layers))
+        if self.layers == "every_other":
+            return list(range(1, num_layers, 2))
+        bad = [i for i in self.layers if i >= num_layers]
+        if bad:
+            fail("moe", "layers", self.layers, f"indices {bad} do not exist; the model has {num_layers} layers "
+                  f"(0..{num_layers - 1})")
+        return sorted(set(self.layers))

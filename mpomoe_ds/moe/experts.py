@@ -1,0 +1,243 @@
+"""Expert modules and the batched expert computation.
+
+Shape legend: L local experts (A: the active subset of them), S slots per
+expert (tokens incl. padding), D hidden size, F FFN size; R bond dims; I, O
+rows / columns of one expert matrix. Expert matrices are in ``x @ W``
+orientation: ``W_up`` is (D, F), ``W_down`` is (F, D).
+
+Naming conventions:
+    central tensor    the middle MPO core of a matrix position ("up"/"down"),
+                      one per MoE layer, shared by every expert; a dense,
+                      data-parallel parameter owned by the MoE layer, passed
+                      into :meth:`MoEExperts.forward` (never stored here, so
+                      DeepSpeed's per-expert deep copy cannot duplicate it)
+    auxiliary tensors the other cores, owned per expert (expert parameters)
+    global expert id  0..E-1 across the expert-parallel group
+    local expert id   0..L-1 on this rank; global = ep_rank * L + local
+    active expert     a local expert that received at least one token (from
+                      any rank of the expert-parallel group) in this forward
+
+One expert module per expert (``MPOExpert`` or ``FFNExpert``) keeps DeepSpeed's
+native per-expert checkpoint files working; the container computes all local
+experts together: one batched reconstruction, then batched matmuls.
+
+Where reconstruction happens (MPO experts; rebuilding one lossless 3072x768 matrix
+costs about |W| * (d_2 + d_3) = 1.4 GMAC, the cost of ~600 tokens through it):
+
+* Only active experts are rebuilt. An idle expert's slots are all padding, so
+  its output is discarded and its weight gradient is exactly zero; its rows of
+  the weight are zero placeholders and its parameters still get (zero)
+  gradients, as in the plain computation.
+* Under gradient accumulation the weights are rebuilt once per optimizer step
+  (:meth:`MoEExperts.set_micro_batch`): see :class:`StepReconstruction`.
+* :func:`reconstruct_shared` contracts in the cheapest order with large GEMMs
+  and one blocked permutation; it runs in the cores' dtype (bf16 when the
+  engine holds bf16 parameters) and follows ``torch.autocast``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from deepspeed.moe.experts import Experts
+from torch import nn
+
+from mpomoe_ds.moe.config import ACTIVATIONS, MATRICES
+from mpomoe_ds.moe.step_cache import StepReconstruction
+from mpomoe_ds.mpo.reconstruction import reconstruct_shared
+
+
+def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The expert activation called ``name`` in :data:`mpomoe_ds.moe.config.ACTIVATIONS`."""
+    function, kwargs = ACTIVATIONS[name]
+    return functools.partial(getattr(F, function), **kwargs)
+
+
+class ExpertHooks(Protocol):
+    """What an expert-update transformer (e.g. the orthogonal optimizer) implements.
+
+    An implementation may also define a bool ``observing`` attribute: when it is
+    False the layer does not compute ``valid_LS`` (saving one small all-to-all)
+    and does not call :meth:`observe_inputs`. It must be equal on every rank.
+    """
+
+    def transform_weight(self, experts: "MoEExperts", matrix: str, weight_LIO: torch.Tensor) -> torch.Tensor:
+        """Return the weight to use (e.g. with a gradient-projecting hook registered).
+
+        ``weight_LIO`` holds every local expert; rows of experts that got no
+        token in this forward are zero placeholders (their gradient is zero).
+        Under gradient accumulation with :meth:`MoEExperts.set_micro_batch`,
+        every micro-batch passes a fresh tensor whose gradient is that
+        micro-batch's dL/dW only, so a linear hook (a projection) sees each
+        micro-batch once and the sum over the step is transformed exactly once.
+        """
+
+    def observe_inputs(self, experts: "MoEExperts", matrix: str, inputs_LSI: torch.Tensor,
+                       valid_LS: torch.Tensor) -> None:
+        """See the inputs of a matrix in a training forward; ``valid_LS`` marks real tokens."""
+
+
+class MPOExpert(nn.Module):
+    """One expert's own tensors: the auxiliary cores of each matrix, and biases.
+
+    ``up_aux[m]`` is core ``aux_core_indices[m]`` of the up-projection MPO.
+    """
+
+    def __init__(self, up_aux: list[torch.Tensor], down_aux: list[torch.Tensor], up_bias: torch.Tensor,
+                 down_bias: torch.Tensor) -> None:
+        super().__init__()
+        self.up_aux = nn.ParameterList([nn.Parameter(c.detach().clone().contiguous()) for c in up_aux])
+        self.down_aux = nn.ParameterList([nn.Parameter(c.detach().clone().contiguous()) for c in down_aux])
+        self.up_bias = nn.Parameter(up_bias.detach().clone())
+        self.down_bias = nn.Parameter(down_bias.detach().clone())
+
+    def aux_cores(self, matrix: str) -> nn.ParameterList:
+        return self.up_aux if matrix == "up" else self.down_aux
+
+
+class FFNExpert(nn.Module):
+    """A plain dense expert (the standard-MoE baseline), weights in x @ W orientation."""
+
+    def __init__(self, up_weight: torch.Tensor, up_bias: torch.Tensor, down_weight: torch.Tensor,
+                 down_bias: torch.Tensor) -> None:
+        super().__init__()
+        self.up_weight = nn.Parameter(up_weight.detach().clone())
+        self.up_bias = nn.Parameter(up_bias.detach().clone())
+        self.down_weight = nn.Parameter(down_weight.detach().clone())
+        self.down_bias = nn.Parameter(down_bias.detach().clone())
+
+
+class MoEExperts(Experts):
+    """All local experts of one MoE layer, computed as a batch.
+
+    DeepSpeed's ``Experts`` deep-copies the template per local expert and marks
+    every parameter ``allreduce=False`` / ``group_name``; we keep that contract
+    and replace its Python loop with batched matmuls.
+    """
+
+    def __init__(self, template: nn.Module, num_local_experts: int, group_name: str, num_experts: int,
+                 activation: str, central_index: Optional[int] = None) -> None:
+        super().__init__(template, num_local_experts, group_name)
+        self.num_experts = num_experts
+        self.activation = activation
+        self.central_index = central_index
+        self.global_expert_ids = list(range(num_local_experts))
+        self._micro_batch: Optional[tuple[int, bool]] = None
+        self._step: Optional[StepReconstruction] = None
+
+    @property
+    def is_mpo(self) -> bool:
+        return isinstance(self.deepspeed_experts[0], MPOExpert)
+
+    def set_micro_batch(self, index: Optional[int], is_last: bool = True) -> None:
+        """Position of the next forward in gradient accumulation; enables per-step reconstruction.
+
+        Call before each training micro-batch's forward with its index in the
+        optimizer step (0-based) and whether it is the step's last (the one
+        after which the optimizer steps). With a DeepSpeed engine::
+
+            index = engine.micro_steps % engine.gradient_accumulation_steps()
+            is_last = engine.is_gradient_accumulation_boundary()
+
+        MPO experts then rebuild their weights once per step
+        (:class:`StepReconstruction`); gradients stay exact. Requirements: one
+        training forward and backward per micro-batch, in order, on every rank
+        alike (no activation checkpointing that re-runs this layer's forward).
+        ``index=None`` returns to rebuilding in every forward. A forward
+        outside training or under ``torch.no_grad()`` ignores the setting.
+
+        Raises:
+            RuntimeError: index 0 while an earlier step's accumulated weight
+                gradient was never handed to a last micro-batch (it would be lost).
+        """
+        if index is None:
+            self._step = None
+        elif index == 0 and self._step is not None:
+            pending, self._step = self._step.pending, None
+            if pending:
+                raise RuntimeError(
+                    f"set_micro_batch(0): the previous optimizer step ran {pending} micro-batch(es) with a cached "
+                    f"expert reconstruction but no last one (is_last=True), so their expert gradients are lost. "
+                    f"Mark each step's last micro-batch with is_last=True (with DeepSpeed: "
+                    f"engine.is_gradient_accumulation_boundary()), or call set_micro_batch(None) to start over")
+        self._micro_batch = None if index is None else (int(index), bool(is_last))
+
+    def _cache_in_use(self) -> bool:
+        """Whether the next forward takes its weights from a per-step reconstruction (same on every rank)."""
+        if self._micro_batch is None or not self.is_mpo or not self.training or not torch.is_grad_enabled():
+            return False
+        return self._step is not None or not self._micro_batch[1]
+
+    def needs_activity(self) -> bool:
+        """Whether the next forward can use ``active_L`` (MPO experts rebuilt in this forward)."""
+        return self.is_mpo and not self._cache_in_use()
+
+    def _mpo_cores(self, matrix: str, central: dict[str, torch.Tensor],
+                   active_A: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        aux = [torch.stack(list(cores)) for cores in zip(*(e.aux_cores(matrix) for e in self.deepspeed_experts))]
+        if active_A is not None:
+            aux = [a.index_select(0, active_A) for a in aux]
+        return aux, central[matrix]
+
+    def expert_weights(self, central: Optional[dict[str, torch.Tensor]] = None,
+                       active_L: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """{"up": (L, D, F), "down": (L, F, D)} for every local expert.
+
+        MPO experts: one batched reconstruction per matrix
+        (:func:`reconstruct_shared`). With ``active_L`` (bool, (L,)) only those
+        experts are rebuilt; the other rows are zero.
+        """
+        experts = self.deepspeed_experts
+        if not self.is_mpo:
+            return {m: torch.stack([getattr(e, f"{m}_weight") for e in experts]) for m in MATRICES}
+        if central is None:
+            raise ValueError("MPO experts need the layer's central tensors to reconstruct their weights")
+        active_A = None if active_L is None else torch.nonzero(active_L).flatten()
+        weights = {}
+        for m in MATRICES:
+            aux, core = self._mpo_cores(m, central, active_A)
+            w = reconstruct_shared(aux, core, self.central_index)
+            if active_A is not None:
+                w = w.new_zeros(len(experts), *w.shape[1:]).index_copy(0, active_A, w)
+            weights[m] = w
+        return weights
+
+    def _training_weights(self, central: Optional[dict[str, torch.Tensor]],
+                          active_L: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights of this forward: from the per-step reconstruction, or rebuilt now."""
+        if not self._cache_in_use():
+            return self.expert_weights(central, active_L)
+        if self._step is None:
+            self._step = StepReconstruction(self.expert_weights(central))
+        if not self._micro_batch[1]:
+            return self._step.accumulating_weights()
+        step, self._step, self._micro_batch = self._step, None, None
+        return step.final_weights()
+
+    def biases(self) -> dict[str, torch.Tensor]:
+        return {m: torch.stack([getattr(e, f"{m}_bias") for e in self.deepspeed_experts]) for m in MATRICES}
+
+    def forward(self, x_LSD: torch.Tensor, central: Optional[dict[str, torch.Tensor]] = None,
+                valid_LS: Optional[torch.Tensor] = None, active_L: Optional[torch.Tensor] = None,
+                hooks: Optional[ExpertHooks] = None) -> torch.Tensor:
+        """Batched expert FFNs on dispatched slots.
+
+        ``active_L`` (bool, (L,)): local experts that received a token; MPO
+        experts outside it are not rebuilt (their slots are padding, whose
+        outputs the combine step discards). None: all experts are rebuilt.
+        ``hooks``: this step's expert hooks (handed over by the MoE step
+        protocol, :mod:`mpomoe_ds.moe.step`), or None.
+        """
+        weights = self._training_weights(central, active_L)
+        biases = self.biases()
+        if hooks is not None:
+            weights = {m: hooks.transform_weight(self, m, w) for m, w in weights.items()}
+        x_LSD = x_LSD.to(weights["up"].dtype)
+        h_LSF = activation_function(self.activation)(torch.baddbmm(biases["up"].unsqueeze(1), x_LSD, weights["up"]))
+        if hooks is not None and self.training and valid_LS is not None:
+            hooks.observe_inputs(self, "up", x_LSD.detach(), valid_LS)
+            hooks.observe_inputs(self, "down", h_LSF.detach(), valid_LS)
+        return torch.baddbmm(biases["down"].unsqueeze(1), h_LSF, weights["down"])

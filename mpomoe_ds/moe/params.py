@@ -1,0 +1,105 @@
+"""Parameter ownership: dense vs central vs expert, optimizer groups, parameter report.
+
+One function classifies every parameter (:func:`parameter_kind`); everything
+else (optimizer groups, the report, the gradient-mask and logging code) asks it.
+
+    dense    replicated on every rank, all-reduced over data parallelism
+             (attention, embeddings, norms, router)
+    central  an MPO central tensor shared by the experts of one layer: also
+             dense and replicated, but tagged so it can be reported and masked
+    expert   a DeepSpeed expert parameter (``allreduce=False``): one expert's
+             auxiliary cores / weights and biases, living on one rank of the
+             expert-parallel group, reduced over the expert-data-parallel group
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "layernorm.weight", "norm.weight", "ln_1.weight", "ln_2.weight",
+                     "ln_f.weight")
+
+
+def parameter_kind(param: torch.nn.Parameter) -> str:
+    if getattr(param, "mpo_central", False):
+        return "central"
+    return "expert" if is_moe_param(param) else "dense"
+
+
+def classify_parameters(model: nn.Module) -> dict[str, str]:
+    """{parameter name: "dense" | "central" | "expert"} for every parameter."""
+    return {name: parameter_kind(p) for name, p in model.named_parameters()}
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0,
+                           no_decay_suffixes: Iterable[str] = NO_DECAY_SUFFIXES) -> list[dict]:
+    """Trainable parameters in the groups DeepSpeed MoE needs.
+
+    Decay / no-decay first, then DeepSpeed's own splitter separates expert
+    parameters into groups marked ``moe=True`` per expert-parallel group name
+    (ZeRO 1/2 reduce and partition those over the expert-data-parallel group).
+    """
+    suffixes = tuple(no_decay_suffixes)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(suffixes) or p.dim() == 1 else decay).append(p)
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+@dataclass
+class ParameterReport:
+    """Parameter counts; ``*_local`` are what this rank holds."""
+
+    total_local: int
+    dense_local: int  # dense, central excluded
+    central_local: int  # sharded central tensors (moe.shard_central): this rank's slices
+    central_global: int  # every central tensor at full size
+    expert_local: int
+    expert_global: int  # every expert of every rank (expert_local * ep_size per layer)
+    trainable_local: int
+
+    @property
+    def expert_side_global(self) -> int:
+        """Parameters that exist because of the experts: central + all experts."""
+        return self.central_global + self.expert_global
+
+    @property
+    def expert_side_local(self) -> int:
+        return self.central_local + self.expert_local
+
+    def as_dict(self) -> dict[str, int]:
+        out = asdict(self)
+        out.update(expert_side_global=self.expert_side_global, expert_side_local=self.expert_side_local)
+        return out
+
+
+def parameter_report(model: nn.Module) -> ParameterReport:
+    from mpomoe_ds.moe.layer import moe_layers
+
+    counts = {"dense": 0, "central": 0, "expert": 0}
+    trainable = 0
+    for p in model.parameters():
+        counts[parameter_kind(p)] += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    expert_global = central_global = 0
+    for _, layer in moe_layers(model):
+        local = sum(p.numel() for p in layer.deepspeed_moe.experts.parameters())
+        expert_global += local * layer.ep_size
+        central_global += sum(shape.numel() for shape in layer.central.full_shapes.values())
+    return ParameterReport(total_local=sum(counts.values()),
+                           dense_local=counts["dense"],
+                           central_local=counts["central"],
+                           central_global=central_global,
+                           expert_local=counts["expert"],
+                           expert_global=expert_global,
+                           trainable_local=trainable)

@@ -1,0 +1,95 @@
+"""Building a run, once: the tokenizer, the converted multi-task model, the DeepSpeed engine.
+
+Owns the order in which a run comes together (tokenizer first, so data errors
+come before any model work; model; engine with its optimizer and schedule)
+and the embedded default ds_config. Nothing here trains.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from mpomoe_ds import parallel
+from mpomoe_ds.data.tokenize import TaskData
+from mpomoe_ds.models.convert import ConversionReport, convert_model
+from mpomoe_ds.models.hf import load_model, load_tokenizer
+from mpomoe_ds.models.multitask import MultiTaskModel
+from mpomoe_ds.training.engine import initialize, load_ds_config
+from mpomoe_ds.training.run_config import RunConfig
+
+# The embedded ds_config: ZeRO 0, fp32, torch's AdamW built by us (no op to compile).
+DEFAULT_DS_CONFIG: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": 16,
+    "gradient_accumulation_steps": 1,
+    "gradient_clipping": 1.0,
+    "zero_optimization": {"stage": 0},
+    "steps_per_print": 10**9,
+    "wall_clock_breakdown": False,
+}
+
+
+def resolve_ds_config(path: Optional[Union[str, Path]]) -> dict[str, Any]:
+    """The ds_config at ``path``, or a copy of the embedded default."""
+    return load_ds_config(path) if path else dict(DEFAULT_DS_CONFIG)
+
+
+def run_tokenizer(config: RunConfig):
+    """The tokenizer of the model section (cheap: loaded first so data errors come early)."""
+    return load_tokenizer(config.model.tokenizer or config.model.name_or_path)
+
+
+def build_model(config: RunConfig, tasks: Sequence[TaskData],
+                ep_group: Optional[parallel.ProcessGroup]) -> tuple[MultiTaskModel, ConversionReport]:
+    """The converted backbone inside a multi-task model, and the conversion report."""
+    needs_lm_head = any(t.spec.kind == "lm" for t in tasks)
+    if config.model.random_init:
+        torch.manual_seed(config.train.seed)
+    backbone = load_model(config.model.name_or_path, "causal-lm" if needs_lm_head else None,
+                          weights=not config.model.random_init, config_overrides=config.model.config_overrides)
+    report = convert_model(backbone, config.moe, config.mpo, ep_group=ep_group)
+    torch.manual_seed(config.train.seed)  # task heads: identical on every rank
+    model = MultiTaskModel(backbone, [t.spec for t in tasks], moe_aux=backbone.moe_aux,
+                           aux_loss_coef=config.moe.aux_loss_coef, pooling=config.model.pooling,
+                           head_dropout=config.model.head_dropout)
+    return model, report
+
+
+def lr_lambda(config: RunConfig) -> Callable[[int], float]:
+    """Warm-up then linear / cosine decay / constant, as a LambdaLR factor."""
+    warmup, total, schedule = config.optim.warmup_steps, config.train.max_steps, config.optim.schedule
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_engine(model: torch.nn.Module, config: RunConfig, ds_config: dict[str, Any]) -> tuple[Any, Optional[float]]:
+    """DeepSpeed engine; returns (engine, own_clip_norm or None).
+
+    DeepSpeed's fp32 ZeRO-0 clip averages per-rank norms when experts differ
+    per rank, so there the trainer clips with the true global norm
+    (:func:`mpomoe_ds.training.engine.clip_grad_norm_`) and DeepSpeed's is off.
+    """
+    ds_config = dict(ds_config)
+    zero_stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    half = any((ds_config.get(k) or {}).get("enabled") for k in ("fp16", "bf16"))
+    clip = float(ds_config.get("gradient_clipping", 1.0))  # DeepSpeed's own default is 1.0
+    own_clip = None
+    if zero_stage == 0 and not half and clip > 0:
+        ds_config["gradient_clipping"] = 0.0
+        own_clip = clip
+    scheduler = None
+    if "scheduler" not in ds_config:
+        factor = lr_lambda(config)
+        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)  # noqa: E731  DeepSpeed calls it
+    return initialize(model, ds_config, optim=config.optim, lr_scheduler=scheduler), own_clip

@@ -1,0 +1,79 @@
+"""The ``optim`` and ``train`` sections: optimizer, schedule and the training loop (no torch needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from mpomoe_ds.config import check_choice, fail
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and LR schedule, used when the ds_config has no "optimizer" / "scheduler" block.
+
+    lr: peak learning rate of AdamW. weight_decay: decoupled decay (not on biases/norms).
+    betas / eps: AdamW's. warmup_steps: linear warm-up from 0 to lr.
+    schedule: after warm-up, "linear" decay to 0 at train.max_steps, "cosine", or "constant".
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    schedule: str = "linear"
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            fail("optim", "lr", self.lr, "use a positive learning rate")
+        if self.weight_decay < 0:
+            fail("optim", "weight_decay", self.weight_decay, "use weight_decay >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            fail("optim", "betas", self.betas, "give two values in [0, 1), e.g. [0.9, 0.999]")
+        if self.warmup_steps < 0:
+            fail("optim", "warmup_steps", self.warmup_steps, "use warmup_steps >= 0")
+        check_choice("optim", "schedule", self.schedule, SCHEDULES)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    max_steps: optimizer steps to train. log_every: a log line and TensorBoard
+    scalars every N steps. eval_every: evaluate every N steps (0 = only at the
+    end); eval_at_start: also evaluate the untrained model (the baseline the
+    final metrics are compared with). save_every: checkpoint every N steps
+    (0 = only at the end); keep_last: checkpoints kept. output_dir: where
+    checkpoints, TensorBoard events, metrics.json and the resolved configs go.
+    seed: model/dropout seed. diversity_tokens: tokens per layer used for the
+    expert-similarity metrics at eval (0 = off). max_eval_batches: cap per task
+    (None = the whole validation split). progress_bar / tensorboard: rank-0 output.
+    """
+
+    max_steps: int = 150
+    log_every: int = 20
+    eval_every: int = 0
+    eval_at_start: bool = True
+    save_every: int = 0
+    keep_last: int = 2
+    output_dir: str = "runs/default"
+    seed: int = 42
+    diversity_tokens: int = 256
+    max_eval_batches: Optional[int] = None
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "log_every"):
+            if getattr(self, name) < 1:
+                fail("train", name, getattr(self, name), "use a value >= 1")
+        for name in ("eval_every", "save_every", "diversity_tokens"):
+            if getattr(self, name) < 0:
+                fail("train", name, getattr(self, name), "use a value >= 0 (0 = off / only at the end)")
+        if self.keep_last < 1:
+            fail("train", "keep_last", self.keep_last, "keep at least 1 checkpoint")
+        if self.max_eval_batches is not None and self.max_eval_batches < 1:
+            fail("train", "max_eval_batches", self.max_eval_batches, "use null (all) or a positive count")

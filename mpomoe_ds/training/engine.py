@@ -1,0 +1,122 @@
+"""DeepSpeed engine setup for models with MPOE layers.
+
+Owns: validating a ds_config against the model before DeepSpeed sees it (with
+errors that name the fix), and ``deepspeed.initialize`` with the MoE-aware
+parameter groups from :mod:`mpomoe_ds.moe.params`, and MoE-correct gradient clipping.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from mpomoe_ds import parallel
+from mpomoe_ds.moe.layer import moe_layers
+from mpomoe_ds.moe.params import optimizer_param_groups
+from mpomoe_ds.training.config import OptimConfig
+
+
+class DeepSpeedConfigError(ValueError):
+    """The ds_config cannot work with this model; the message names the fix."""
+
+
+def load_ds_config(config: Union[str, Path, dict]) -> dict[str, Any]:
+    if isinstance(config, dict):
+        return dict(config)
+    path = Path(config)
+    if not path.is_file():
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} does not exist; see ds_configs/ for ready ones")
+    return json.loads(path.read_text())
+
+
+def validate_ds_config(ds_config: dict[str, Any], model: nn.Module) -> None:
+    """Refuse settings DeepSpeed's native MoE cannot run, before the engine does."""
+    layers = list(moe_layers(model))
+    if not layers:
+        return
+    zero = ds_config.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    if stage == 3:
+        raise DeepSpeedConfigError(
+            "ZeRO stage 3 is not supported with MoE layers: DeepSpeed's engine refuses native MoE under "
+            "ZeRO-3 (expert parameters cannot be partitioned that way). Use zero_optimization.stage 1 or 2 "
+            "(e.g. ds_configs/zero2_bf16.json): stage 1/2 partition the optimizer state of both the dense "
+            "and the expert parameters.")
+    offload = zero.get("offload_optimizer") or {}
+    if stage == 2 and offload.get("device", "none") not in (None, "none"):
+        raise DeepSpeedConfigError(
+            "ZeRO-2 optimizer offload with MoE layers crashes in DeepSpeed 0.19 (DeepSpeedCPUAdam with expert "
+            "parameter groups); remove zero_optimization.offload_optimizer or use stage 1")
+    for name, layer in layers:
+        parallel.check_ep_size(layer.ep_size, layer.num_experts)
+
+
+def initialize(model: nn.Module, ds_config: Union[str, Path, dict], *, optim: Optional[OptimConfig] = None,
+               optimizer: Optional[torch.optim.Optimizer] = None, lr_scheduler: Any = None) -> Any:
+    """``deepspeed.initialize`` with validation and MoE parameter groups; returns the engine.
+
+    The optimizer is ``optimizer`` if given (build it over
+    :func:`optimizer_param_groups`), else the ds_config's "optimizer" block,
+    else torch's AdamW built from ``optim`` (default :class:`OptimConfig`: lr,
+    betas, eps, weight decay, no decay on biases and norms). ``lr_scheduler``
+    is passed to DeepSpeed as is.
+    """
+    import deepspeed
+
+    config = load_ds_config(ds_config)
+    validate_ds_config(config, model)
+    optim = optim or OptimConfig()
+    groups = optimizer_param_groups(model, optim.weight_decay)
+    if optimizer is None and "optimizer" not in config:
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                      weight_decay=optim.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model,
+                                           model_parameters=groups if optimizer is None else None,
+                                           optimizer=optimizer,
+                                           lr_scheduler=lr_scheduler,
+                                           config=config)
+    return engine
+
+
+def global_grad_norm(model: nn.Module, ep_group: Optional[parallel.ProcessGroup]) -> torch.Tensor:
+    """The true L2 norm of all gradients, as one process holding every expert would compute it.
+
+    Assumes dense gradients are already averaged over data parallelism (they
+    are identical on every rank) and expert parameters' gradients (experts and
+    sharded central tensors) over the expert-data-parallel group. Each such
+    parameter then lives on exactly one rank of the expert-parallel group, so
+    its squared norm is summed over that group once. DeepSpeed 0.19's fp32
+    ZeRO-0 clip instead averages per-rank norms.
+    """
+    from deepspeed.moe.utils import is_moe_param
+
+    dense_sq = torch.zeros((), dtype=torch.float64)
+    expert_sq = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if is_moe_param(p):
+            expert_sq += sq
+        else:
+            dense_sq += sq
+    if ep_group is not None and parallel.group_size(ep_group) > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(expert_sq, group=ep_group)
+    return (dense_sq + expert_sq).sqrt()
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, ep_group: Optional[parallel.ProcessGroup]) -> float:
+    """Scale gradients in place so their global norm is at most ``max_norm``; returns the norm before."""
+    norm = float(global_grad_norm(model, ep_group))
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.detach().mul_(coef)
+    return norm

@@ -1,0 +1,111 @@
+"""Evaluation during training: per-task metrics over all ranks, and expert-similarity metrics.
+
+Every validation example is evaluated exactly once across ranks
+(:mod:`mpomoe_ds.data.eval`); metrics are computed from the gathered
+predictions, identically on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mpomoe_ds.data.eval import eval_batches, gather_eval
+from mpomoe_ds.data.tasks import compute_metrics, lm_metrics
+from mpomoe_ds.data.tokenize import TaskData, make_batch
+from mpomoe_ds.moe.layer import moe_layers
+from mpomoe_ds.omoe.diversity import layer_expert_similarity
+from mpomoe_ds.training.run_config import RunConfig
+
+
+@torch.no_grad()
+def evaluate(engine: Any, tasks: Sequence[TaskData], config: RunConfig, rank: int,
+             world: int) -> dict[str, dict[str, float]]:
+    """Per-task metrics on every validation example (gathered across ranks)."""
+    model = engine.module
+    model.eval()
+    micro = engine.train_micro_batch_size_per_gpu()
+    results = {}
+    for task in tasks:
+        if task.validation is None:
+            continue
+        preds, labels, indices, masks, losses = [], [], [], [], []
+        for b, batch in enumerate(eval_batches(task, micro, rank=rank, world_size=world)):
+            if config.train.max_eval_batches is not None and b >= config.train.max_eval_batches:
+                break
+            mask, index = batch.pop("eval_mask"), batch.pop("example_index")
+            out = model(**{k: v.to(engine.device) for k, v in batch.items()})
+            losses.append(out["task_loss"].item())
+            masks.append(mask)
+            indices.append(index)
+            labels.append(batch["labels"])
+            preds.append(_eval_predictions(task.spec.kind, out, batch))
+        # With max_eval_batches the evaluated set is the first (batches x global batch) examples.
+        covered = min(len(task.validation), len(masks) * micro * world)
+        predictions, gold = gather_eval(torch.cat(indices), torch.cat(preds), torch.cat(labels), torch.cat(masks),
+                                        num_examples=covered)
+        results[task.spec.name] = _task_metrics(task, predictions, gold, float(np.mean(losses)))
+    model.train()
+    return results
+
+
+def _eval_predictions(kind: str, out: dict, batch: dict) -> torch.Tensor:
+    logits = out["logits"].float().cpu()
+    if kind == "lm":  # per-row summed token NLL, for perplexity
+        shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, reduction="none",
+                                                ignore_index=-100)
+        return torch.stack([nll.sum(1), (shift_labels != -100).sum(1).float()], dim=1)
+    return logits
+
+
+def _task_metrics(task: TaskData, predictions: np.ndarray, labels: np.ndarray, loss: float) -> dict[str, float]:
+    """Metrics over the gathered eval set; ``loss`` is this rank's mean batch loss."""
+    if task.spec.kind == "lm":
+        metrics = lm_metrics(float(predictions[:, 0].sum()), int(predictions[:, 1].sum()))
+    else:
+        metrics = compute_metrics(task.spec, predictions, labels)
+    metrics["loss"] = loss
+    return metrics
+
+
+def diversity_metrics(model: torch.nn.Module, tasks: Sequence[TaskData], config: RunConfig,
+                      device: torch.device) -> dict[str, float]:
+    """Mean pairwise cosine similarity and linear CKA of experts' outputs, per MoE layer."""
+    if config.train.diversity_tokens <= 0:
+        return {}
+    inputs = _moe_layer_inputs(model, tasks, config, device)
+    out = {}
+    for index, (_, layer) in enumerate(moe_layers(model)):
+        if index in inputs:
+            sim = layer_expert_similarity(layer, inputs[index])
+            out[f"diversity/layer{index}/cosine"] = float(sim.cosine)
+            out[f"diversity/layer{index}/cka"] = float(sim.cka)
+    return out
+
+
+@torch.no_grad()
+def _moe_layer_inputs(model: torch.nn.Module, tasks: Sequence[TaskData], config: RunConfig,
+                      device: torch.device) -> dict[int, torch.Tensor]:
+    """The hidden states entering each MoE layer on a fixed validation batch."""
+    task = next((t for t in tasks if t.validation is not None), None)
+    if task is None:
+        return {}
+    rows = max(1, config.train.diversity_tokens // config.data.max_seq_len)
+    batch = make_batch(task, task.validation, np.arange(min(rows, len(task.validation))))
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for index, (_, layer) in enumerate(moe_layers(model)):
+        def capture(module, inputs, output, index=index):
+            captured[index] = inputs[0].reshape(-1, inputs[0].shape[-1])[: config.train.diversity_tokens]
+        handles.append(layer.register_forward_hook(capture))
+    model.eval()
+    try:
+        model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        for h in handles:
+            h.remove()
+        model.train()
+    return captured

@@ -1,0 +1,63 @@
+"""The whole run's configuration: one typed tree loaded from a file plus overrides.
+
+Sections (each a dataclass that validates itself in ``__post_init__``, with
+errors naming ``section.field`` and the fix), each defined next to the code it
+configures:
+
+    model  ModelConfig   (models/config.py)    the pretrained backbone
+    moe    MoEConfig     (moe/config.py)       experts, routing, gradient mask
+    mpo    MPOConfig     (mpo/config.py)       factorisation and truncation
+    omoe   OMoEConfig    (omoe/config.py)      the orthogonal expert optimizer
+    data   DataConfig    (data/config.py)      tasks, files, sequence length, sampling
+    optim  OptimConfig   (training/config.py)  AdamW + schedule (unless the ds_config has its own)
+    train  TrainConfig   (training/config.py)  steps, logging, eval, checkpoints, output
+
+Every section's own defaults are the run's defaults (there is no second set):
+the embedded default run is all-MiniLM-L6-v2 upcycled to MPOE MoE (4 experts
+in every other layer, expert-parallel over all processes) on the built-in
+``toy_glue`` multi-task data. DeepSpeed settings (ZeRO stage, precision, batch
+sizes, clipping) stay in the ds_config JSON. Importing this module needs
+neither torch nor DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from mpomoe_ds.config import apply_overrides, from_dict, load_mapping, to_dict
+from mpomoe_ds.data.config import DataConfig
+from mpomoe_ds.models.config import ModelConfig
+from mpomoe_ds.moe.config import MoEConfig
+from mpomoe_ds.mpo.config import MPOConfig
+from mpomoe_ds.omoe.config import OMoEConfig
+from mpomoe_ds.training.config import OptimConfig, TrainConfig
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mpo: MPOConfig = field(default_factory=MPOConfig)
+    omoe: OMoEConfig = field(default_factory=OMoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_run_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults <- file <- overrides, then validation of every section.
+
+    A section given in the file replaces only the keys it names; the other
+    keys keep the defaults.
+    """
+    data = to_dict(RunConfig())
+    if path is not None:
+        for section, values in load_mapping(path).items():
+            if isinstance(values, dict) and isinstance(data.get(section), dict):
+                data[section].update(values)
+            else:
+                data[section] = values
+    data = apply_overrides(data, overrides)
+    return from_dict(RunConfig, data)

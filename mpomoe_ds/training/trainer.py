@@ -1,0 +1,253 @@
+"""The training loop: one run from a resolved config to its final metrics.
+
+:class:`Trainer` owns the order of a run (start-up, build, optional resume,
+baseline eval, steps, periodic eval and checkpoints, final metrics) and one
+optimizer step. Everything MoE layers need to know about the step goes
+through one :class:`~mpomoe_ds.moe.step.MoEStep`; everything people look at
+goes through the rank-0 :class:`~mpomoe_ds.training.monitor.Monitor`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mpomoe_ds import parallel
+from mpomoe_ds.config import to_dict
+from mpomoe_ds.data.sampling import check_same_plan, train_batches
+from mpomoe_ds.data.tokenize import prepare_tasks
+from mpomoe_ds.moe.grad_mask import mix_seed
+from mpomoe_ds.moe.step import MoEStep
+from mpomoe_ds.omoe.optimizer import OrthogonalExpertOptimizer, check_update_mode_supported
+from mpomoe_ds.training import checkpoint
+from mpomoe_ds.training.build import build_engine, build_model, run_tokenizer
+from mpomoe_ds.training.engine import clip_grad_norm_
+from mpomoe_ds.training.evaluate import diversity_metrics, evaluate
+from mpomoe_ds.training.launch import init_distributed
+from mpomoe_ds.training.monitor import Monitor, logger, setup_logging
+from mpomoe_ds.training.run_config import RunConfig
+
+
+class Trainer:
+    """One training run; ``run()`` returns the final metrics (rank 0) or {} elsewhere."""
+
+    def __init__(self, config: RunConfig, ds_config: dict[str, Any], resume: bool) -> None:
+        self.config = config
+        self.ds_config = ds_config
+        self.resume = resume
+        self.output_dir = Path(config.train.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+
+    # ------------------------------------------------------------------ start-up
+
+    def setup(self) -> None:
+        self.rank, self.world = init_distributed()
+        setup_logging(self.rank)
+        self.config = dataclasses.replace(self.config, moe=self.config.moe.with_ep_size(self.world))
+        parallel.check_ep_size(self.config.moe.ep_size, self.config.moe.num_experts)
+        cfg = self.config
+        micro = int(self.ds_config.get("train_micro_batch_size_per_gpu", 16))
+        # Data first: bad input fails here, before any model is built.
+        self.tasks = prepare_tasks(cfg.data, run_tokenizer(cfg))
+        self.ep_group = parallel.expert_parallel_group(cfg.moe.ep_size) if cfg.moe.ep_size > 1 else None
+        self.model, self.report = build_model(cfg, self.tasks, self.ep_group)
+        self.engine, self.own_clip = build_engine(self.model, cfg, self.ds_config)
+        self.batches = train_batches(self.tasks, cfg.data, micro, rank=self.rank, world_size=self.world)
+        check_same_plan(self.batches.sampler)
+        self.omoe = self._build_omoe()
+        self.moe_step = MoEStep(self.model, participants=[self.omoe] if self.omoe is not None else [])
+        self.start_step = self._maybe_resume()
+        self._write_run_files()
+        self.monitor = Monitor(self.rank, self.output_dir, cfg.train.max_steps, self.start_step,
+                               tensorboard=cfg.train.tensorboard, progress_bar=cfg.train.progress_bar)
+        self.monitor.log(self.report.summary())
+        self.monitor.log(f"world {self.world}, ep_size {cfg.moe.ep_size}, micro-batch {micro}, "
+                         f"grad accumulation {self.engine.gradient_accumulation_steps()}, "
+                         f"starting at step {self.start_step} of {cfg.train.max_steps}")
+
+    def _build_omoe(self) -> Optional[OrthogonalExpertOptimizer]:
+        if not self.config.omoe.enabled:
+            return None
+        if self.config.omoe.projection == "update":
+            check_update_mode_supported(self.engine)
+        omoe = OrthogonalExpertOptimizer(self.model, self.config.omoe, ep_group=self.ep_group,
+                                         expert_dp_group=parallel.expert_data_parallel_group(self.config.moe.ep_size))
+        cost = omoe.cost(micro_batches=self.engine.gradient_accumulation_steps())
+        logger.info(f"OMoE: projectors {cost.projector_bytes / 2**20:.1f} MiB, {cost.orth_step_macs / 1e9:.2f} GMAC "
+                    f"per orthogonal step, {cost.collectives_per_cycle} all-reduce(s) of "
+                    f"{cost.comm_bytes_per_cycle / 2**20:.1f} MiB per {self.config.omoe.cycle_steps}-step cycle")
+        return omoe
+
+    def _maybe_resume(self) -> int:
+        if not self.resume:
+            return 0
+        tag = checkpoint.latest_tag(self.checkpoint_dir)
+        if tag is None:
+            logger.info(f"--resume: no checkpoint in {self.checkpoint_dir}, starting from step 0")
+            return 0
+        _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+        self.batches.load_state_dict(client_state["train_batches"])
+        rank_state = checkpoint.load_rank_state(self.checkpoint_dir, tag, self.rank)
+        if self.omoe is not None and rank_state is not None:
+            self.omoe.load_state_dict(rank_state["omoe"])
+        logger.info(f"resumed from {self.checkpoint_dir / tag} at step {self.engine.global_steps}")
+        return int(self.engine.global_steps)
+
+    def _write_run_files(self) -> None:
+        if self.rank == 0:
+            checkpoint.atomic_write_json(self.output_dir / "run_config.json", to_dict(self.config))
+            checkpoint.atomic_write_json(self.output_dir / "ds_config.json", self.ds_config)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        cfg = self.config.train
+        baseline = self.eval_and_log(self.start_step) if cfg.eval_at_start and self.start_step == 0 else {}
+        # Train mode for every module, however the run began (a pretrained backbone loads in eval mode).
+        self.engine.module.train()
+        batch_iter = iter(self.batches)
+        window_tokens, window_start, losses = 0, time.perf_counter(), []
+        step = self.start_step
+        while step < cfg.max_steps:
+            stats = self.train_step(step, batch_iter)
+            step += 1
+            window_tokens += stats["tokens"]
+            losses.append(stats["loss"])
+            self.monitor.advance(1, {"loss": stats["loss"]})
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                self.log_step(step, stats, window_tokens, time.perf_counter() - window_start)
+                window_tokens, window_start = 0, time.perf_counter()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
+                self.eval_and_log(step)
+            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
+                self.save(step)
+        final = self.eval_and_log(step)
+        if not (self.resume and step == self.start_step and checkpoint.latest_tag(self.checkpoint_dir)):
+            self.save(step)
+        metrics = self._final_metrics(step, final, baseline, losses)
+        self.monitor.close()
+        return metrics
+
+    def train_step(self, step: int, batch_iter: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """One optimizer step (gradient accumulation included)."""
+        engine = self.engine
+        accumulation = engine.gradient_accumulation_steps()
+        stats: dict[str, Any] = {"loss": 0.0, "aux_loss": 0.0, "tokens": 0}
+        counts = None
+        task_losses: dict[str, list[float]] = {}
+        self.moe_step.begin_step(step)
+        for micro in range(accumulation):
+            # Dropout as a function of (seed, step, micro-batch, rank): a resumed run draws the same masks.
+            torch.manual_seed(mix_seed(self.config.train.seed, step, micro, self.rank))
+            self.moe_step.begin_micro_batch(micro, is_last=micro == accumulation - 1)
+            batch = next(batch_iter)
+            out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
+            engine.backward(out["loss"])
+            if self.own_clip is not None and engine.is_gradient_accumulation_boundary():
+                stats["grad_norm"] = clip_grad_norm_(engine.module, self.own_clip, self.ep_group)
+            engine.step()
+            task = self.tasks[int(batch["task_id"][0])].spec.name
+            task_losses.setdefault(task, []).append(out["task_loss"].item())
+            stats["loss"] += out["loss"].item() / accumulation
+            stats["aux_loss"] += out["aux_loss"].item() / accumulation
+            stats["tokens"] += int(batch["attention_mask"].sum())
+            if "expert_counts" in out:
+                counts = out["expert_counts"] if counts is None else counts + out["expert_counts"]
+        self.moe_step.end_step(step)
+        stats["task_losses"] = {t: float(np.mean(v)) for t, v in task_losses.items()}
+        stats["expert_counts"] = counts
+        return stats
+
+    # ------------------------------------------------------------------ eval, logging, checkpoints
+
+    def eval_and_log(self, step: int) -> dict[str, dict[str, float]]:
+        results = evaluate(self.engine, self.tasks, self.config, self.rank, self.world)
+        diversity = diversity_metrics(self.engine.module, self.tasks, self.config, self.engine.device)
+        if self.rank == 0:
+            flat = {f"eval/{task}/{name}": value
+                    for task, metrics in results.items() for name, value in metrics.items()}
+            self.monitor.scalars({**flat, **diversity}, step)
+            summary = "; ".join(f"{task}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items())
+                                for task, m in results.items())
+            self.monitor.log(f"eval @ step {step}: {summary}")
+            if diversity:
+                cos = np.mean([v for k, v in diversity.items() if k.endswith("cosine")])
+                self.monitor.log(f"expert output similarity @ step {step}: mean cosine {cos:.4f}")
+        return {**results, "diversity": diversity} if self.rank == 0 else {}
+
+    def log_step(self, step: int, stats: dict[str, Any], window_tokens: int, window_seconds: float) -> None:
+        counts = stats["expert_counts"]
+        if counts is not None:
+            counts = counts.detach().float().clone()
+            dist.all_reduce(counts)  # tokens per expert over all ranks
+        tokens = torch.tensor(float(window_tokens))
+        dist.all_reduce(tokens)
+        if self.rank != 0:
+            return
+        lr = self.engine.get_lr()[0]
+        scalars = {"train/loss": stats["loss"], "train/aux_loss": stats["aux_loss"], "train/lr": lr,
+                   "train/tokens_per_s": float(tokens) / max(window_seconds, 1e-9)}
+        scalars.update({f"train/task_loss/{t}": v for t, v in stats["task_losses"].items()})
+        if "grad_norm" in stats:
+            scalars["train/grad_norm"] = stats["grad_norm"]
+        masks = [layer.central_mask for layer in self.moe_step.layers if layer.central_mask is not None]
+        if masks:
+            scalars["moe/mask_keep_ratio"] = float(np.nanmean([m.keep_ratio() for m in masks]))
+        if self.omoe is not None:
+            scalars.update(self.omoe.stats())
+        self.monitor.scalars(scalars, step)
+        if counts is not None:
+            self.monitor.expert_load(counts, step)
+        per_layer = stats["aux_loss"] / max(len(self.moe_step.layers), 1)
+        self.monitor.log(f"step {step}/{self.config.train.max_steps} loss {stats['loss']:.4f} "
+                         f"balance loss/layer {per_layer:.3f} (1 = balanced) lr {lr:.3g} "
+                         f"tokens/s {scalars['train/tokens_per_s']:.0f}")
+
+    def save(self, step: int) -> None:
+        """DeepSpeed checkpoint + per-rank state; 'latest' moves only once every rank is done."""
+        tag = checkpoint.tag_for(step)
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False,
+                                    client_state={"train_batches": self.batches.state_dict(), "step": step})
+        checkpoint.save_rank_state(self.checkpoint_dir, tag, self.rank,
+                                   {"omoe": self.omoe.state_dict() if self.omoe is not None else None})
+        dist.barrier()
+        if self.rank == 0:
+            checkpoint.atomic_write_text(self.checkpoint_dir / "latest", tag)
+            removed = checkpoint.prune(self.checkpoint_dir, self.config.train.keep_last)
+            self.monitor.log(f"saved checkpoint {tag}" + (f", removed {removed}" if removed else ""))
+        dist.barrier()
+
+    def _final_metrics(self, step: int, final: dict, baseline: dict, losses: list[float]) -> dict[str, Any]:
+        if self.rank != 0:
+            return {}
+        metrics = {"step": step, "world_size": self.world, "ep_size": self.config.moe.ep_size,
+                   "train_loss_first": losses[0] if losses else None,
+                   "train_loss_last": float(np.mean(losses[-10:])) if losses else None,
+                   "eval": {k: v for k, v in final.items() if k != "diversity"},
+                   "diversity": final.get("diversity", {}),
+                   "untrained_eval": {k: v for k, v in baseline.items() if k != "diversity"},
+                   "untrained_diversity": baseline.get("diversity", {}),
+                   "omoe": self.omoe.stats() if self.omoe is not None else None,
+                   "parameters": self.report.as_dict()["params_after"]}
+        checkpoint.atomic_write_json(self.output_dir / "metrics.json", metrics)
+        self.monitor.log(format_results(metrics))
+        return metrics
+
+
+def format_results(metrics: dict[str, Any]) -> str:
+    """A per-task table: untrained vs trained primary metrics."""
+    untrained = metrics["untrained_eval"]
+    lines = ["results (untrained -> trained):" if untrained else "results:"]
+    for task, values in metrics["eval"].items():
+        before = untrained.get(task, {})
+        parts = [f"{name} {before[name]:.4f} -> {value:.4f}" if name in before else f"{name} {value:.4f}"
+                 for name, value in values.items()]
+        lines.append(f"  {task}: " + ", ".join(parts))
+    return "\n".join(lines)
