@@ -2,8 +2,10 @@
 
 Owns what every benchmark needs and none computes: the machine description
 stored with each result, re-launching a benchmark on N ranks with torchrun,
-a live-tensor memory tracker, a byte counter for collectives, and the
-allocator setting every run uses.
+one training step through a DeepSpeed engine and the MoE step protocol
+(``train_step``), the interleaved round-robin timing of variants
+(``timed_rounds``), a live-tensor memory tracker, a byte counter for
+collectives, and the allocator setting every run uses.
 
 Memory (``LiveTensorTracker``): a TorchDispatchMode that sees every tensor an
 op allocates (forward, backward, optimizer, DeepSpeed's flat buffers) and drops
@@ -120,6 +122,20 @@ def launch(script: Path, ranks: int, args: list[str], malloc_tuning: bool = True
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=timeout)
 
 
+def add_worker_args(parser: Any) -> None:
+    """The hidden flags a rank started by :func:`launch` gets (``--worker``; torchrun's ``--local_rank``)."""
+    import argparse
+
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def dispatch(args: Any, worker: Callable[[Any], None], driver: Callable[[Any], None]) -> None:
+    """A benchmark's entry point: ``worker(args)`` in a rank :func:`launch` started (``--worker``),
+    else ``driver(args)``, which launches the ranks and writes the results."""
+    (worker if args.worker else driver)(args)
+
+
 def init_worker(threads: Optional[int] = None):
     """Initialise torch.distributed (gloo) under torchrun; returns (rank, world)."""
     import deepspeed
@@ -178,6 +194,61 @@ class Stopwatch:
             yield
         finally:
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+
+
+def train_step(engine, batches: list, moe_step, per_step: bool, stopwatch: Optional[Stopwatch] = None) -> None:
+    """All micro-batches of one optimizer step through a DeepSpeed engine (``step()`` after every micro-batch).
+
+    ``moe_step`` (``mpomoe_ds.moe.step.MoEStep`` over the engine's module; it
+    finds no layers in DeepSpeed's MoE or a dense model) is told the step.
+    With ``per_step`` it is also told each micro-batch's position, so MPO
+    experts rebuild once per optimizer step; without, they rebuild in every
+    micro-batch. The loss is whatever the engine's module returns.
+    """
+    sw = stopwatch or Stopwatch()
+    accum = engine.gradient_accumulation_steps()
+    step = engine.global_steps
+    moe_step.begin_step(step)
+    for index, batch in enumerate(batches):
+        if per_step:
+            moe_step.begin_micro_batch(index, is_last=index == accum - 1)
+        with sw.phase("forward"):
+            loss = engine(batch)
+        with sw.phase("backward"):
+            engine.backward(loss)
+        with sw.phase("optimizer"):
+            engine.step()
+    moe_step.end_step(step)
+
+
+def timed_rounds(rank: int, run_steps: dict[str, Callable[[Stopwatch], None]], warmup: int,
+                 steps: int) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]]]:
+    """Time every variant's ``run_steps[kind](stopwatch)`` interleaved, ``warmup + steps`` rounds.
+
+    Each round runs every kind once, in an order rotated by one per round, so
+    load on the machine hits the variants alike; each step starts after a
+    barrier and counts as long as its slowest rank. Returns, per kind, the
+    measured rounds' step seconds and their stopwatch phases (warm-up rounds
+    dropped); rank 0 logs every round.
+    """
+    kinds = list(run_steps)
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    phases: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+    for r in range(warmup + steps):
+        order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
+        this_round = {}
+        for k in order:
+            barrier()
+            sw = Stopwatch()
+            start = time.perf_counter()
+            run_steps[k](sw)
+            this_round[k] = slowest_rank(time.perf_counter() - start)
+            if r >= warmup:
+                times[k].append(this_round[k])
+                phases[k].append(sw.phases)
+        log(rank, f"  round {r + 1}/{warmup + steps}{' (warm-up)' if r < warmup else ''}: "
+            + ", ".join(f"{k} {this_round[k]:.2f}s" for k in kinds))
+    return times, phases
 
 
 # --------------------------------------------------------------------------- memory

@@ -40,6 +40,7 @@ step (3x forward, over the padded slots both layers compute).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -81,8 +82,8 @@ def router_weight(num_experts: int):
     """The router init of our layer (layer_id 0, default seed), given to DeepSpeed's gate too."""
     import torch
 
-    from mpomoe_ds.config import MoEConfig
-    from mpomoe_ds.grad_mask import mix_seed
+    from mpomoe_ds.moe.config import MoEConfig
+    from mpomoe_ds.moe.grad_mask import mix_seed
 
     gen = torch.Generator().manual_seed(mix_seed(MoEConfig().seed, 0, 2))
     return torch.randn((num_experts, HIDDEN), generator=gen) * 0.02
@@ -93,12 +94,13 @@ def build_variant(kind: str, num_experts: int, ep_size: int):
     import torch
     from torch import nn
 
-    from mpomoe_ds.config import MoEConfig, MPOConfig
-    from mpomoe_ds.moe_layer import DenseFFN, MPOEMoE
+    from mpomoe_ds.moe.config import MoEConfig
+    from mpomoe_ds.moe.layer import DenseFFN, MPOEMoE
+    from mpomoe_ds.mpo.config import MPOConfig
 
     dense = DenseFFN.random(HIDDEN, FFN, seed=0)
     moe_cfg = MoEConfig(num_experts=num_experts, ep_size=ep_size, k=1, dropless=True, aux_loss_coef=AUX_COEF,
-                        expert_type="ffn" if kind == "ffn" else "mpo", activation="gelu",
+                        expert_type="ffn" if kind == "ffn" else "mpo", activation="gelu", expert_init="copy",
                         shard_central=kind == "mpoe_shard")
 
     class Wrapped(nn.Module):
@@ -155,7 +157,7 @@ def make_engine(module, grad_accum: int, zero: int, dtype: str):
     import deepspeed
     import torch
 
-    from mpomoe_ds.params import optimizer_param_groups
+    from mpomoe_ds.moe.params import optimizer_param_groups
 
     groups = optimizer_param_groups(module)
     optimizer = torch.optim.AdamW(groups, lr=LR, weight_decay=0.0)
@@ -163,28 +165,11 @@ def make_engine(module, grad_accum: int, zero: int, dtype: str):
     return engine
 
 
-def train_step(engine, kind: str, batches, stopwatch: Optional[common.Stopwatch] = None) -> None:
-    """All micro-batches of one optimizer step (DeepSpeed's protocol: step() after every micro-batch)."""
-    from mpomoe_ds.moe_layer import set_moe_micro_batch
-
-    sw = stopwatch or common.Stopwatch()
-    accum = engine.gradient_accumulation_steps()
-    for x in batches:
-        if kind in PER_STEP_KINDS and accum > 1:
-            set_moe_micro_batch(engine.module, engine.micro_steps % accum, engine.is_gradient_accumulation_boundary())
-        with sw.phase("forward"):
-            loss = engine(x)
-        with sw.phase("backward"):
-            engine.backward(loss)
-        with sw.phase("optimizer"):
-            engine.step()
-
-
 # --------------------------------------------------------------------------- accounting
 
 
 def param_kind(p) -> str:
-    from mpomoe_ds.params import parameter_kind
+    from mpomoe_ds.moe.params import parameter_kind
 
     return parameter_kind(p)
 
@@ -239,7 +224,7 @@ def parameter_accounting(engine, kind: str, zero: int, world: int, ep_size: int)
 
 def reconstruction_macs_per_rebuild(engine) -> int:
     """MACs of one rebuild of every local expert's matrices (0 for non-MPO variants)."""
-    from mpomoe_ds.moe_layer import moe_layers
+    from mpomoe_ds.moe.layer import moe_layers
 
     return sum(layer.reconstruction_macs() for _, layer in moe_layers(engine.module))
 
@@ -267,6 +252,8 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mpomoe_ds.moe.step import MoEStep
+
     ep = world  # expert parallelism over every rank: ep_size = world
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     gen = torch.Generator().manual_seed(1000 * rank + tokens + num_experts)
@@ -280,26 +267,13 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
     engines = {k: make_engine(build_variant(k, num_experts, ep), args.grad_accum, args.zero, args.dtype)
                for k in kinds}
     recon = {k: reconstruction_macs_per_rebuild(engines[k]) for k in kinds}
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    phases: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
-    for r in range(args.warmup + args.steps):
-        order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
-        this_round = {}
-        for k in order:
-            common.barrier()
-            sw = common.Stopwatch()
-            start = time.perf_counter()
-            train_step(engines[k], k, batches, sw)
-            this_round[k] = common.slowest_rank(time.perf_counter() - start)
-            if r >= args.warmup:
-                times[k].append(this_round[k])
-                phases[k].append(sw.phases)
-        common.log(rank, f"  round {r + 1}/{args.warmup + args.steps}{' (warm-up)' if r < args.warmup else ''}: "
-                   + ", ".join(f"{k} {this_round[k]:.2f}s" for k in kinds))
+    run_steps = {k: functools.partial(common.train_step, engines[k], batches, MoEStep(engines[k].module),
+                                      k in PER_STEP_KINDS) for k in kinds}
+    times, phases = common.timed_rounds(rank, run_steps, args.warmup, args.steps)
     accounting = {k: parameter_accounting(engines[k], k, args.zero, world, ep) for k in kinds}
     for engine in engines.values():
         engine.destroy()  # removes ZeRO's gradient hooks: without it the engine is never freed
-    del engines, engine
+    del engines, engine, run_steps
     gc.collect()
 
     # ---- memory, FLOPs, communication: one variant at a time, built inside the tracker
@@ -309,17 +283,18 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
         with tracker:
             engine = make_engine(build_variant(k, num_experts, ep), args.grad_accum, args.zero,
                                  args.dtype)
-            train_step(engine, k, batches)  # optimizer state exists from here on
+            moe_step = MoEStep(engine.module)
+            common.train_step(engine, batches, moe_step, k in PER_STEP_KINDS)  # optimizer state exists from here
             gc.collect()
             tracker.reset_peak()
             resting = tracker.live
             with common.CommCounter() as comm, FlopCounterMode(display=False) as flops:
-                train_step(engine, k, batches)
+                common.train_step(engine, batches, moe_step, k in PER_STEP_KINDS)
             peak = tracker.peak
         extra[k] = {"peak_bytes": peak, "resting_bytes": resting, "flops": flops.get_total_flops(),
                     "comm_bytes": comm.bytes, "comm_calls": comm.calls}
         engine.destroy()
-        del engine
+        del engine, moe_step
         gc.collect()
 
     # ---- summary
@@ -397,8 +372,7 @@ def parse_args(argv: Optional[list[str]] = None):
     parser.add_argument("--no-malloc-tuning", action="store_true", help="glibc malloc defaults (see common.py)")
     parser.add_argument("--merge", action="store_true",
                         help="update --out in place: replace the cells run now, keep every other cell")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    common.add_worker_args(parser)
     return parser.parse_args(argv)
 
 
@@ -436,11 +410,8 @@ def merge_runs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    args = parse_args(argv)
-    if args.worker:
-        worker(args)
-        return
+def drive(args) -> None:
+    """Launch the ranks for every run, then write the results and the report."""
     out = Path(args.out)
     runs, machine = [], None
     for ranks, accum, cells in grids(args):
@@ -471,6 +442,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     import report
 
     report.write_layer_report(out)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    common.dispatch(parse_args(argv), worker, drive)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 Training tokens per second, peak tensor memory, parameters and optimizer
 state per rank for
 
-    mpoe    our converted model (mpomoe_ds.convert.convert_model), MPO experts,
+    mpoe    our converted model (mpomoe_ds.models.convert.convert_model), MPO experts,
             lossless, per-step reconstruction under gradient accumulation
     mpoe_shard  the same with moe.shard_central (2+ ranks only)
     ffn     the same conversion with plain dense experts (our layer)
@@ -25,10 +25,10 @@ median step after warm-up is reported. Tokens/s counts every rank's tokens.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 VARIANTS = ("mpoe", "mpoe_shard", "ffn", "ds", "dense")
-OUR_KINDS = ("mpoe", "mpoe_shard", "ffn")  # converted with mpomoe_ds.convert
+OUR_KINDS = ("mpoe", "mpoe_shard", "ffn")  # converted with mpomoe_ds.models.convert
 PER_STEP_KINDS = ("mpoe", "mpoe_shard")  # MPO experts rebuilt once per optimizer step
 LABELS = {"mpoe": "MPOE (ours)", "mpoe_shard": "MPOE, central sharded (moe.shard_central)",
           "ffn": "ours, plain FFN experts", "ds": "DeepSpeed MoE", "dense": "dense GPT-2"}
@@ -50,10 +50,11 @@ def build_model(kind: str, args, ep_size: int):
     import transformers
     from torch import nn
 
-    from mpomoe_ds.config import MoEConfig, MPOConfig
-    from mpomoe_ds.convert import convert_model
-    from mpomoe_ds.grad_mask import mix_seed
-    from mpomoe_ds.hf_models import linear_weight_in_out
+    from mpomoe_ds.models.convert import convert_model
+    from mpomoe_ds.models.hf import linear_weight_in_out
+    from mpomoe_ds.moe.config import MoEConfig
+    from mpomoe_ds.moe.grad_mask import mix_seed
+    from mpomoe_ds.mpo.config import MPOConfig
 
     config = transformers.GPT2Config(n_layer=args.layers, n_embd=768, n_head=12, n_inner=3072, vocab_size=50257,
                                      n_positions=max(1024, args.seq), resid_pdrop=0.0, embd_pdrop=0.0,
@@ -61,7 +62,7 @@ def build_model(kind: str, args, ep_size: int):
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
     moe = MoEConfig(num_experts=args.experts, ep_size=ep_size, k=1, dropless=True, aux_loss_coef=AUX_COEF,
-                    layers="every_other", expert_type="ffn" if kind == "ffn" else "mpo",
+                    layers="every_other", expert_type="ffn" if kind == "ffn" else "mpo", expert_init="copy",
                     shard_central=kind == "mpoe_shard")
     sink: list = []
     if kind in OUR_KINDS:
@@ -122,7 +123,7 @@ def make_engine(module, grad_accum: int, zero: int):
     import deepspeed
     import torch
 
-    from mpomoe_ds.params import optimizer_param_groups
+    from mpomoe_ds.moe.params import optimizer_param_groups
 
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": grad_accum,
               "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
@@ -131,17 +132,6 @@ def make_engine(module, grad_accum: int, zero: int):
     optimizer = torch.optim.AdamW(optimizer_param_groups(module), lr=LR, weight_decay=0.0)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
     return engine
-
-
-def train_step(engine, kind: str, batches) -> None:
-    from mpomoe_ds.moe_layer import set_moe_micro_batch
-
-    accum = engine.gradient_accumulation_steps()
-    for ids in batches:
-        if kind in PER_STEP_KINDS and accum > 1:
-            set_moe_micro_batch(engine.module, engine.micro_steps % accum, engine.is_gradient_accumulation_boundary())
-        engine.backward(engine(ids))
-        engine.step()
 
 
 def accounting(engine, zero: int, world: int, ep_size: int) -> dict[str, Any]:
@@ -159,6 +149,8 @@ def accounting(engine, zero: int, world: int, ep_size: int) -> dict[str, Any]:
 def worker(args) -> None:
     import torch
 
+    from mpomoe_ds.moe.step import MoEStep
+
     rank, world = common.init_worker()
     ep = world
     tokens = args.seq * args.micro_batch
@@ -166,36 +158,27 @@ def worker(args) -> None:
     batches = [torch.randint(0, 50257, (args.micro_batch, args.seq), generator=gen) for _ in range(args.grad_accum)]
     kinds = [k for k in args.variants if k != "mpoe_shard" or world > 1]  # nothing to shard in one process
     engines = {k: make_engine(build_model(k, args, ep), args.grad_accum, args.zero) for k in kinds}
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    for r in range(args.warmup + args.steps):
-        order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
-        this_round = {}
-        for k in order:
-            common.barrier()
-            start = time.perf_counter()
-            train_step(engines[k], k, batches)
-            this_round[k] = common.slowest_rank(time.perf_counter() - start)
-            if r >= args.warmup:
-                times[k].append(this_round[k])
-        common.log(rank, f"  round {r + 1}/{args.warmup + args.steps}{' (warm-up)' if r < args.warmup else ''}: "
-                   + ", ".join(f"{k} {this_round[k]:.2f}s" for k in kinds))
+    run_steps = {k: functools.partial(common.train_step, engines[k], batches, MoEStep(engines[k].module),
+                                      k in PER_STEP_KINDS) for k in kinds}
+    times, _ = common.timed_rounds(rank, run_steps, args.warmup, args.steps)
     acct = {k: accounting(engines[k], args.zero, world, ep) for k in kinds}
     for engine in engines.values():
         engine.destroy()  # removes ZeRO's gradient hooks: without it the engine is never freed
-    del engines, engine
+    del engines, engine, run_steps
     gc.collect()
     peaks = {}
     for k in kinds:
         tracker = common.LiveTensorTracker()
         with tracker:
             engine = make_engine(build_model(k, args, ep), args.grad_accum, args.zero)
-            train_step(engine, k, batches)
+            moe_step = MoEStep(engine.module)
+            common.train_step(engine, batches, moe_step, k in PER_STEP_KINDS)
             gc.collect()
             tracker.reset_peak()
-            train_step(engine, k, batches)
+            common.train_step(engine, batches, moe_step, k in PER_STEP_KINDS)
             peaks[k] = tracker.peak
         engine.destroy()
-        del engine
+        del engine, moe_step
         gc.collect()
     step_tokens = tokens * args.grad_accum * world
     variants = {}
@@ -225,16 +208,12 @@ def parse_args(argv: Optional[list[str]] = None):
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     parser.add_argument("--out", default=str(common.RESULTS / "model.json"))
     parser.add_argument("--no-malloc-tuning", action="store_true")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    common.add_worker_args(parser)
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    args = parse_args(argv)
-    if args.worker:
-        worker(args)
-        return
+def drive(args) -> None:
+    """Launch the ranks for every run, then write the results and the report."""
     out = Path(args.out)
     runs = []
     forwarded = ["--layers", str(args.layers), "--experts", str(args.experts), "--seq", str(args.seq),
@@ -250,7 +229,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         machine = machine or data["machine"]
         runs.append(data["run"])
         part.unlink()
-    from mpomoe_ds.config import MoEConfig
+    from mpomoe_ds.moe.config import MoEConfig
 
     config = {"layers": args.layers, "hidden": 768, "heads": 12, "ffn": 3072, "vocab": 50257, "experts": args.experts,
               "moe_layers": MoEConfig(num_experts=args.experts, layers="every_other").moe_layer_indices(args.layers),
@@ -261,6 +240,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     import report
 
     report.write_model_report(out)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    common.dispatch(parse_args(argv), worker, drive)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ Arms, same seed, data and steps:
               this arm would show it too.
 
 Reported per arm: mean pairwise cosine and linear CKA of the experts' outputs on
-held-out tokens (mpomoe_ds.diversity), final training loss, the mean free fraction
+held-out tokens (mpomoe_ds.omoe.diversity), final training loss, the mean free fraction
 trace(P_bar)/d_in, as mean +- std over seeds and the number of seeds where OMoE is
 below ordinary. Single thread (tiny matmuls).
 
@@ -36,10 +36,14 @@ from dataclasses import dataclass
 
 import torch
 
-from mpomoe_ds.config import MoEConfig, MPOConfig
-from mpomoe_ds.diversity import layer_expert_similarity
-from mpomoe_ds.moe_layer import MPOEMoE
-from mpomoe_ds.omoe import OMoEConfig, OrthogonalExpertOptimizer, _LayerHooks
+from mpomoe_ds.moe.config import MoEConfig
+from mpomoe_ds.moe.layer import MPOEMoE
+from mpomoe_ds.moe.step import MoEStep
+from mpomoe_ds.mpo.config import MPOConfig
+from mpomoe_ds.omoe.config import OMoEConfig
+from mpomoe_ds.omoe.diversity import layer_expert_similarity
+from mpomoe_ds.omoe.hooks import LayerHooks as _LayerHooks
+from mpomoe_ds.omoe.optimizer import OrthogonalExpertOptimizer
 
 D, F = 16, 32
 
@@ -85,8 +89,8 @@ def run(setting: Setting, seed: int, arm: str) -> dict[str, float]:
     centres = torch.randn(num, D, generator=gen)
     centres = 3.0 * centres / centres.norm(dim=1, keepdim=True)
     teachers = torch.randn(1 if setting.regime == "shared" else num, D, D, generator=gen) / 4
-    moe = MoEConfig(num_experts=num, expert_type=setting.expert_type, expert_init="perturb", init_noise=0.05,
-                    seed=seed, aux_loss_coef=0.0)
+    moe = MoEConfig(num_experts=num, ep_size=1, expert_type=setting.expert_type, expert_init="perturb",
+                    init_noise=0.05, seed=seed, aux_loss_coef=0.0)
     layer = MPOEMoE(D, F, moe, MPOConfig(num_cores=3))
     omoe = None
     if arm != "ordinary":
@@ -96,6 +100,7 @@ def run(setting: Setting, seed: int, arm: str) -> dict[str, float]:
         if arm == "shrink":
             for state in omoe.layers.values():
                 state.set_mean_projectors = lambda sums, keep, s=state: shrink_control(s, sums, keep)
+    moe_step = MoEStep(layer, participants=[omoe] if omoe else [])
     opt = torch.optim.Adam(layer.parameters(), lr=3e-3)
 
     def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +113,8 @@ def run(setting: Setting, seed: int, arm: str) -> dict[str, float]:
     free = []
     loss = torch.tensor(0.0)
     for step in range(setting.steps):
-        if omoe:
-            omoe.before_step(step)
+        moe_step.begin_step(step)  # OMoE's phase switch happens here
+        moe_step.begin_micro_batch(0, is_last=True)
         layer.train()
         x, y = batch(64)
         out, _, _ = layer(x)
@@ -117,10 +122,9 @@ def run(setting: Setting, seed: int, arm: str) -> dict[str, float]:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if omoe:
-            if omoe.phase == "orthogonal":
-                free += [v for k, v in omoe.stats().items() if k.endswith("free_fraction")]
-            omoe.after_step(step)
+        if omoe and omoe.phase == "orthogonal":
+            free += [v for k, v in omoe.stats().items() if k.endswith("free_fraction")]
+        moe_step.end_step(step)  # OMoE records this step's inputs here
     layer.eval()
     sim = layer_expert_similarity(layer, held_out)
     return {"cosine": sim.cosine, "cka": sim.cka, "loss": float(loss.detach()),

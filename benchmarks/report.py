@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -119,14 +119,8 @@ def layer_tables(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_layer(data: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_layer(data: dict[str, Any], axes: Any) -> None:
     runs = data["runs"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     labels, measured, floors, plain, mem_ratio, shard_ratio = [], [], [], [], [], []
     for run in runs:
         for cell in run["cells"]:
@@ -167,18 +161,10 @@ def plot_layer(data: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("DeepSpeed MoE ÷ MPOE")
     ax.set_title("Expert-side params + optimizer state per rank")
     ax.legend(fontsize=8, loc="upper left")
-    fig.suptitle(common.machine_line(data["machine"]), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_layer_report(json_path: Path) -> None:
-    data = common.read_json(json_path)
-    json_path = Path(json_path)
-    json_path.with_suffix(".md").write_text(layer_tables(data) + "\n")
-    plot_layer(data, json_path.with_suffix(".png"))
-    print(f"[bench] wrote {json_path.with_suffix('.md')} and {json_path.with_suffix('.png')}")
+    write_report(json_path, lambda data: layer_tables(data) + "\n", plot_layer, figsize=(13, 4.5))
 
 
 # --------------------------------------------------------------------------- model
@@ -206,13 +192,7 @@ def model_tables(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_model(data: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+def plot_model(data: dict[str, Any], axes: Any) -> None:
     runs = data["runs"]
     labels: dict[str, str] = {}  # every variant of any run, in order (one-process runs have no sharded variant)
     for run in runs:
@@ -229,18 +209,38 @@ def plot_model(data: dict[str, Any], path: Path) -> None:
         ax.set_xticklabels([labels[k] for k in kinds], fontsize=7, rotation=10)
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
-    fig.suptitle(common.machine_line(data["machine"]), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_model_report(json_path: Path) -> None:
-    data = common.read_json(json_path)
+    write_report(json_path, model_tables, plot_model, figsize=(12, 4))
+
+
+# --------------------------------------------------------------------------- both
+
+
+def write_report(json_path: Path, tables: Callable[[dict[str, Any]], str],
+                 plot: Callable[[dict[str, Any], Any], None], figsize: tuple[float, float]) -> None:
+    """``<name>.md`` (``tables(data)``) and ``<name>.png`` next to ``json_path``.
+
+    ``plot(data, axes)`` draws into a row of two axes; the figure gets the
+    machine line as its title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     json_path = Path(json_path)
-    json_path.with_suffix(".md").write_text(model_tables(data))
-    plot_model(data, json_path.with_suffix(".png"))
-    print(f"[bench] wrote {json_path.with_suffix('.md')} and {json_path.with_suffix('.png')}")
+    data = common.read_json(json_path)
+    md, png = json_path.with_suffix(".md"), json_path.with_suffix(".png")
+    md.write_text(tables(data))
+    fig, axes = plt.subplots(1, 2, figsize=figsize)
+    plot(data, axes)
+    fig.suptitle(common.machine_line(data["machine"]), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    print(f"[bench] wrote {md} and {png}")
 
 
 def main(paths: list[str]) -> None:
