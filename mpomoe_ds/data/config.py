@@ -89,6 +89,23 @@ _CUSTOM_FIELDS = ("kind", "num_labels", "metrics", "primary_metric", "label_name
 
 
 @dataclass
+class CorpusEntry:
+    """One prepared pretraining corpus (``mpomoe-prepare`` output) in the data config.
+
+    name: how logs, TensorBoard and metrics.json call it (unique).
+    path: the prepared folder (holds index.json).
+    weight: mixture weight (normalised over corpora); null for all corpora =
+        temperature sampling over their sizes in tokens (data.temperature).
+    max_eval_sequences: held-out packed sequences evaluated per corpus.
+    """
+
+    name: str
+    path: str
+    weight: Optional[float] = None
+    max_eval_sequences: int = 256
+
+
+@dataclass
 class DataConfig:
     """The data section of the run config.
 
@@ -108,6 +125,11 @@ class DataConfig:
     remainder: what a task's last, partial global batch of each pass does:
         "drop" (skipped this pass; the shuffle differs next pass) or "wrap"
         (filled from the start of the same shuffled pass).
+    corpora: prepared corpora (:class:`CorpusEntry`) for packed causal-LM
+        pretraining; when given, training reads them (mixed per sample by
+        weight or temperature, :mod:`mpomoe_ds.data.mixture`) instead of
+        tasks, and evaluates each corpus's held-out split; ``tasks`` must be
+        empty (tasks and corpora are not mixed in one run yet).
     """
 
     tasks: list[TaskEntry] = field(default_factory=list)
@@ -117,6 +139,7 @@ class DataConfig:
     seed: int = 1234
     num_workers: int = 0
     remainder: str = "drop"
+    corpora: list[CorpusEntry] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.builtin is not None and self.builtin not in BUILTINS:
@@ -131,6 +154,10 @@ class DataConfig:
             fail("data", "num_workers", self.num_workers, "use 0 (no workers) or a positive worker count")
         if self.remainder not in REMAINDERS:
             fail("data", "remainder", self.remainder, f"choose one of {list(REMAINDERS)}")
+        self.corpora = [_coerce_corpus(entry, i) for i, entry in enumerate(self.corpora)]
+        if self.corpora:
+            self._check_corpora()
+            return
         if not self.tasks:
             if self.builtin is None:
                 fail("data", "tasks", self.tasks, "list at least one task, or set data.builtin (e.g. toy_glue)")
@@ -143,6 +170,29 @@ class DataConfig:
             fail("data", "tasks", names, f"task names must be unique, {duplicates} repeat; rename a custom copy")
         for i, entry in enumerate(self.tasks):
             _validate_entry(entry, i, self.builtin)
+
+    def _check_corpora(self) -> None:
+        if self.tasks:
+            fail("data", "corpora", [c.name for c in self.corpora],
+                 "pretraining corpora and tasks cannot be mixed in one run yet; set data.tasks: [] "
+                 "(data.builtin is then unused), or drop data.corpora")
+        names = [c.name for c in self.corpora]
+        if len(set(names)) != len(names):
+            fail("data", "corpora", names, "corpus names must be unique")
+        weights = [c.weight for c in self.corpora]
+        if any(w is not None for w in weights) and (None in weights or min(weights) <= 0):
+            fail("data", "corpora", weights, "give every corpus a weight > 0, or none (temperature sampling)")
+        for i, c in enumerate(self.corpora):
+            if c.max_eval_sequences < 0:
+                fail("data", f"corpora[{i}].max_eval_sequences", c.max_eval_sequences, "use a count >= 0")
+
+
+def _coerce_corpus(entry: Union[CorpusEntry, dict], index: int) -> CorpusEntry:
+    if isinstance(entry, CorpusEntry):
+        return entry
+    if isinstance(entry, dict):
+        return from_dict(CorpusEntry, entry, f"data.corpora[{index}]")
+    fail("data", f"corpora[{index}]", entry, "give a mapping with 'name' and 'path'")
 
 
 def _coerce_entry(entry: Union[TaskEntry, dict, str], index: int) -> TaskEntry:

@@ -8,13 +8,14 @@ G = B * W global batch, K tasks.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from mpomoe_ds.data.config import REMAINDERS, DataConfig
+from mpomoe_ds.data.mixture import MixtureSampler, PackedMixtureBatches
 from mpomoe_ds.data.tasks import DataError
 from mpomoe_ds.data.tokenize import TaskData, make_batch
 
@@ -224,13 +225,32 @@ def _jsonable(value: Any) -> Any:
 
 
 def train_batches(tasks: Sequence[TaskData], config: DataConfig, batch_size: int, *, rank: int = 0,
-                  world_size: int = 1) -> TrainBatches:
-    """This rank's training stream for ``config``; batch_size is DeepSpeed's micro-batch per GPU."""
+                  world_size: int = 1) -> Union[TrainBatches, PackedMixtureBatches]:
+    """This rank's training stream for ``config``; batch_size is DeepSpeed's micro-batch per GPU.
+
+    With ``data.corpora``: packed causal-LM batches mixed per sample over the
+    corpora (``tasks`` are then the corpora, from ``prepare_tasks``).
+    """
+    if config.corpora:
+        tokens = [len(t.train) * t.train.seq_len for t in tasks]
+        probabilities = mixture_probabilities(tokens, [c.weight for c in config.corpora], config.temperature)
+        return PackedMixtureBatches([t.train for t in tasks], [t.spec.name for t in tasks],
+                                    [t.task_id for t in tasks], probabilities, batch_size, rank=rank,
+                                    world_size=world_size, seed=config.seed)
     return TrainBatches(tasks, batch_size, rank=rank, world_size=world_size, temperature=config.temperature,
                         seed=config.seed, remainder=config.remainder, num_workers=config.num_workers)
 
 
-def check_same_plan(sampler: MultiTaskBatchSampler, group: Optional[dist.ProcessGroup] = None) -> None:
+def mixture_probabilities(token_counts: Sequence[int], weights: Optional[Sequence[Optional[float]]],
+                          temperature: float) -> np.ndarray:
+    """Corpus mixture: normalised ``weights`` if every corpus has one, else ``n_c^(1/T)`` over token counts."""
+    if weights is not None and all(w is not None for w in weights):
+        w = np.asarray(weights, dtype=np.float64)
+        return w / w.sum()
+    return temperature_probabilities(token_counts, temperature)
+
+
+def check_same_plan(sampler: Union[MultiTaskBatchSampler, MixtureSampler], group: Optional[dist.ProcessGroup] = None) -> None:
     """Raise DataError on every rank if ranks built different plans (they would hang in all-to-all).
 
     Different plans come from different data files or settings on different

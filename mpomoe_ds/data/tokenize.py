@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import torch
 
 from mpomoe_ds.data.config import DataConfig, resolve_task
+from mpomoe_ds.data.corpus import PackedSequences, PreparedCorpus
 from mpomoe_ds.data.loading import RawSplit, load_task_splits
 from mpomoe_ds.data.tasks import TaskSpec
 
@@ -84,7 +85,7 @@ class TaskData:
 
     task_id: int
     spec: TaskSpec
-    train: EncodedSplit
+    train: Union[EncodedSplit, PackedSequences]  # packed: a pretraining corpus
     validation: Optional[EncodedSplit]
     train_source: str = ""
     validation_source: str = ""
@@ -96,6 +97,8 @@ def prepare_tasks(config: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> l
     Raises DataError on the first problem, before any training starts. Every
     rank calls this and gets identical arrays (loading is deterministic).
     """
+    if config.corpora:
+        return corpus_tasks(config, tokenizer)
     tasks = []
     for task_id, entry in enumerate(config.tasks):
         spec = resolve_task(entry)
@@ -105,6 +108,27 @@ def prepare_tasks(config: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> l
             train=encode_split(train, tokenizer, config.max_seq_len),
             validation=None if validation is None else encode_split(validation, tokenizer, config.max_seq_len),
             train_source=train.source, validation_source=validation.source if validation else ""))
+    return tasks
+
+
+def corpus_tasks(config: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> list[TaskData]:
+    """One lm task per prepared corpus: train = its packed sequences, validation = held-out packed sequences.
+
+    Only the indexes are read (and the first ``max_eval_sequences`` held-out
+    sequences); training reads shards by memory map. A corpus tokenized with
+    another tokenizer is refused.
+    """
+    tasks = []
+    for task_id, entry in enumerate(config.corpora):
+        corpus = PreparedCorpus(entry.path, config.max_seq_len, tokenizer)
+        spec = TaskSpec(name=entry.name, kind="lm", text_columns=("text",), label_column=None, num_labels=0,
+                        metrics=("perplexity", "loss"), primary_metric="perplexity")
+        validation = None
+        if corpus.validation is not None and entry.max_eval_sequences:
+            ids, mask = corpus.validation.rows(np.arange(min(len(corpus.validation), entry.max_eval_sequences)))
+            validation = EncodedSplit(ids.astype(np.int32), mask.astype(np.int8), None, None)
+        tasks.append(TaskData(task_id=task_id, spec=spec, train=corpus.train, validation=validation,
+                              train_source=f"{entry.path} (train)", validation_source=f"{entry.path} (validation)"))
     return tasks
 
 

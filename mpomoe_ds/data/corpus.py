@@ -1,0 +1,118 @@
+"""Reading a prepared corpus by memory map, and packing its token stream into fixed-length sequences.
+
+A split of a prepared corpus (:mod:`mpomoe_ds.data.prepare`) is one token
+stream: its shards in order, each document followed by EOS. Packing cuts the
+stream into consecutive, non-overlapping sequences of ``L`` tokens; sequence
+j holds tokens [j L, (j+1) L), so every token of the split is in exactly one
+sequence per epoch, and only the last sequence can be short (its tail is
+padding: attention mask 0, label -100, no loss). Documents are concatenated
+across sequence boundaries as in GPT-style pretraining; the EOS between them
+tells the model a new document starts.
+
+Nothing is read at start-up but the index: shards are memory-mapped on first
+use and a sequence is a slice of at most two shards, so start-up time and
+resident memory do not grow with the corpus (the page cache holds what was
+read recently, as for any file).
+
+Shape legend: L sequence length, B rows of a batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from mpomoe_ds.data.prepare import read_index
+from mpomoe_ds.data.tasks import DataError
+
+
+class TokenStream:
+    """One split of a prepared corpus as a single memory-mapped token sequence."""
+
+    def __init__(self, corpus_dir: Path, split: str, index: dict[str, Any]) -> None:
+        self.corpus_dir = Path(corpus_dir)
+        self.split = split
+        info = index["splits"][split]
+        self.files = [s["file"] for s in info["shards"]]
+        self.dtype = np.dtype(index["dtype"])
+        self.starts = np.concatenate([[0], np.cumsum([s["tokens"] for s in info["shards"]])]).astype(np.int64)
+        self.num_tokens = int(self.starts[-1])
+        self.num_documents = int(info["documents"])
+        self._maps: dict[int, np.memmap] = {}
+
+    def _shard(self, k: int) -> np.memmap:
+        if k not in self._maps:
+            path = self.corpus_dir / self.files[k]
+            expected = int(self.starts[k + 1] - self.starts[k])
+            if not path.is_file() or path.stat().st_size != expected * self.dtype.itemsize:
+                raise DataError(f"{path}: missing or not {expected} tokens long (the index says so); the corpus "
+                                f"folder is damaged: prepare it again")
+            self._maps[k] = np.memmap(path, dtype=self.dtype, mode="r")
+        return self._maps[k]
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the stream as int64 (a copy; spans shard boundaries)."""
+        stop = min(stop, self.num_tokens)
+        out = np.empty(max(stop - start, 0), dtype=np.int64)
+        k = int(np.searchsorted(self.starts, start, side="right") - 1)
+        filled = 0
+        while start + filled < stop:
+            shard = self._shard(k)
+            lo = start + filled - int(self.starts[k])
+            take = min(len(shard) - lo, stop - start - filled)
+            out[filled:filled + take] = shard[lo:lo + take]
+            filled += take
+            k += 1
+        return out
+
+
+class PackedSequences:
+    """A split packed into sequences of ``seq_len`` tokens: ``len()`` sequences, ``rows(indices)`` batches."""
+
+    def __init__(self, stream: TokenStream, seq_len: int) -> None:
+        if seq_len < 2:
+            raise DataError(f"seq_len={seq_len}: packed sequences need at least 2 tokens")
+        self.stream = stream
+        self.seq_len = seq_len
+        self.num_sequences = -(-stream.num_tokens // seq_len)
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    @property
+    def num_at_max_len(self) -> int:
+        """Full sequences (all but a short last one)."""
+        return self.stream.num_tokens // self.seq_len
+
+    def rows(self, indices_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids (B, L) int64, attention_mask (B, L) int64) of sequences ``indices_B``; padding is 0/0."""
+        L = self.seq_len
+        ids = np.zeros((len(indices_B), L), dtype=np.int64)
+        mask = np.zeros((len(indices_B), L), dtype=np.int64)
+        for row, j in enumerate(np.asarray(indices_B, dtype=np.int64)):
+            if not 0 <= j < self.num_sequences:
+                raise IndexError(f"sequence {j} of {self.num_sequences}")
+            tokens = self.stream.tokens(int(j) * L, (int(j) + 1) * L)
+            ids[row, :len(tokens)] = tokens
+            mask[row, :len(tokens)] = 1
+        return ids, mask
+
+
+class PreparedCorpus:
+    """A prepared corpus folder: its index and both splits, packed for training and evaluation."""
+
+    def __init__(self, corpus_dir: str, seq_len: int, tokenizer: Optional[Any] = None) -> None:
+        self.corpus_dir = Path(corpus_dir)
+        self.index = read_index(corpus_dir, tokenizer)
+        self.train = PackedSequences(TokenStream(self.corpus_dir, "train", self.index), seq_len)
+        if len(self.train) == 0:
+            raise DataError(f"{corpus_dir}: the train split has no tokens; give the corpus more text "
+                            f"(or a smaller validation_fraction)")
+        validation = TokenStream(self.corpus_dir, "validation", self.index)
+        self.validation = PackedSequences(validation, seq_len) if validation.num_tokens else None
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.index["eos_id"])
