@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -79,3 +80,22 @@ def minilm_and_batch(texts: list[str]):
 
     model = load_model("minilm").eval()
     return model, dict(load_tokenizer("minilm")(texts, padding=True, return_tensors="pt"))
+
+
+CORPUS_WORDS = ("expert central tensor router token layer shard rank batch corpus manual page option file "
+                "command system user value error default signal process memory").split()
+
+
+def write_corpus(folder: Path, files: int, docs_per_file: int, seed: int) -> list[str]:
+    """jsonl files of random word documents of varied length; returns the documents in file order."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = []
+    for f in range(files):
+        lines = []
+        for _ in range(docs_per_file):
+            text = " ".join(rng.choice(CORPUS_WORDS) for _ in range(rng.randint(3, 60)))
+            docs.append(text)
+            lines.append(json.dumps({"text": text}))
+        (folder / f"part{f}.jsonl").write_text("\n".join(lines) + "\n")
+    return docs

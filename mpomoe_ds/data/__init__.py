@@ -14,6 +14,11 @@ Modules, in pipeline order:
 5. ``eval``: ``eval_batches`` + ``gather_eval``: every validation example
    exactly once across ranks, in full-shape batches with a mask.
 
+Pretraining corpora take another road: ``prepare`` tokenizes a corpus once
+into token shards (``mpomoe-prepare``), ``corpus`` reads (on demand) and
+packs them into fixed-length sequences, ``mixture`` mixes corpora per sample
+into one global sample sequence that does not depend on the world size.
+
 The distributed contract (why it looks like this). DeepSpeed's MoE layer
 exchanges tokens with an all-to-all whose sizes come from the local batch, so
 every rank must run a batch of the *same shape* at the same step, or the

@@ -1,4 +1,4 @@
-"""Corpus preparation: tokenize a text corpus once into memory-mapped token shards plus an index.
+"""Corpus preparation: tokenize a text corpus once into flat token shards (raw uint16/uint32) plus an index.
 
 A prepared corpus is a folder::
 

@@ -115,7 +115,7 @@ def corpus_tasks(config: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> li
     """One lm task per prepared corpus: train = its packed sequences, validation = held-out packed sequences.
 
     Only the indexes are read (and the first ``max_eval_sequences`` held-out
-    sequences); training reads shards by memory map. A corpus tokenized with
+    sequences); training reads shard files on demand. A corpus tokenized with
     another tokenizer is refused.
     """
     tasks = []

@@ -53,6 +53,7 @@ def load_run_config(path: Optional[Union[str, Path]] = None, overrides: Sequence
     keys keep the defaults.
     """
     data = to_dict(RunConfig())
+    data["data"]["tasks"] = []  # the defaults' builtin tasks are spelled out again from data.builtin if still empty
     if path is not None:
         for section, values in load_mapping(path).items():
             if isinstance(values, dict) and isinstance(data.get(section), dict):

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from mpomoe_ds import parallel
 from mpomoe_ds.config import to_dict
+from mpomoe_ds.data.mixture import PackedMixtureBatches
 from mpomoe_ds.data.sampling import check_same_plan, train_batches
 from mpomoe_ds.data.tokenize import prepare_tasks
 from mpomoe_ds.moe.grad_mask import mix_seed
@@ -189,12 +190,14 @@ class Trainer:
             dist.all_reduce(counts)  # tokens per expert over all ranks
         tokens = torch.tensor(float(window_tokens))
         dist.all_reduce(tokens)
+        corpus_tokens = self._corpus_tokens_seen()
         if self.rank != 0:
             return
         lr = self.engine.get_lr()[0]
         scalars = {"train/loss": stats["loss"], "train/aux_loss": stats["aux_loss"], "train/lr": lr,
                    "train/tokens_per_s": float(tokens) / max(window_seconds, 1e-9)}
         scalars.update({f"train/task_loss/{t}": v for t, v in stats["task_losses"].items()})
+        scalars.update({f"train/tokens_seen/{name}": n for name, n in corpus_tokens.items()})
         if "grad_norm" in stats:
             scalars["train/grad_norm"] = stats["grad_norm"]
         masks = [layer.central_mask for layer in self.moe_step.layers if layer.central_mask is not None]
@@ -209,6 +212,15 @@ class Trainer:
         self.monitor.log(f"step {step}/{self.config.train.max_steps} loss {stats['loss']:.4f} "
                          f"balance loss/layer {per_layer:.3f} (1 = balanced) lr {lr:.3g} "
                          f"tokens/s {scalars['train/tokens_per_s']:.0f}")
+
+    def _corpus_tokens_seen(self) -> dict[str, float]:
+        """Real tokens read so far per pretraining corpus, over all ranks ({} for task training)."""
+        if not isinstance(self.batches, PackedMixtureBatches):
+            return {}
+        names = list(self.batches.tokens_seen)
+        seen = torch.tensor([float(self.batches.tokens_seen[n]) for n in names], dtype=torch.float64)
+        dist.all_reduce(seen)
+        return dict(zip(names, seen.tolist()))
 
     def save(self, step: int) -> None:
         """DeepSpeed checkpoint + per-rank state; 'latest' moves only once every rank is done."""

@@ -3,10 +3,6 @@ corpus, mixture)."""
 
 from __future__ import annotations
 
-import json
-import random
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -19,23 +15,7 @@ from mpomoe_ds.data.tasks import DataError
 from mpomoe_ds.data.tokenize import prepare_tasks
 from mpomoe_ds.models.hf import load_tokenizer
 
-WORDS = ("expert central tensor router token layer shard rank batch corpus manual page option file "
-         "command system user value error default signal process memory").split()
-
-
-def write_corpus(folder: Path, files: int, docs_per_file: int, seed: int) -> list[str]:
-    """jsonl files of random word documents of varied length; returns the documents in file order."""
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    docs = []
-    for f in range(files):
-        lines = []
-        for _ in range(docs_per_file):
-            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60)))
-            docs.append(text)
-            lines.append(json.dumps({"text": text}))
-        (folder / f"part{f}.jsonl").write_text("\n".join(lines) + "\n")
-    return docs
+from conftest import write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +196,21 @@ def test_data_config_with_corpora_builds_lm_tasks_and_the_packed_stream(corpus, 
     assert sum(stream.tokens_seen.values()) == int(batch["attention_mask"].sum())
     with pytest.raises(Exception, match="cannot be mixed"):
         DataConfig(tasks=["toy_sentiment"], corpora=[{"name": "en", "path": str(root / "prepared")}])
+
+
+def test_prepare_command_writes_a_corpus_and_says_what_it_did(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, dist_env
+
+    write_corpus(tmp_path / "src", files=2, docs_per_file=10, seed=4)
+    cmd = [sys.executable, "-m", "mpomoe_ds.cli.prepare", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+           "--tokenizer", "minilm", "--no-progress", "--validation-fraction", "0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    index = read_index(tmp_path / "out")
+    assert index["splits"]["train"]["documents"] == 20 and index["splits"]["validation"]["documents"] == 0
+    assert f"train {index['splits']['train']['tokens']:,} tokens / 20 documents" in proc.stdout
+    again = subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=300)
+    assert "0 part(s) tokenized, 2 reused" in again.stdout
