@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -139,7 +140,8 @@ def loading_cost(corpus: Path, model_dir: str, seq_len: int, micro: int, steps: 
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = [f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores; torch {m.get('torch', '?')}.", "",
+    lines = [f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores; torch {m.get('torch', '?')}; 1-minute load "
+             f"average at start {result.get('load_1min_start', float('nan')):.1f}.", "",
              "| preparation | tokens | seconds | tokens/s |", "|---|---|---|---|"]
     for workers, row in result["prepare"].items():
         lines.append(f"| {workers} process(es) | {row['tokens']:,} | {row['seconds']:.1f} | {row['tokens_per_s']:,.0f} |")
@@ -176,7 +178,7 @@ def main() -> int:
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="mpomoe-data-bench-"))
     result: dict[str, Any] = {"machine": common.machine_info(), "seq_len": args.seq_len,
-                              "micro_batch": args.micro_batch}
+                              "micro_batch": args.micro_batch, "load_1min_start": os.getloadavg()[0]}
     result["prepare"] = prepare(args.sources, args.tokenizer, work, args.workers)
     base = work / "prepared_w1"
     result["loading"] = loading_cost(scaled_corpus(base, work, 100), args.model, args.seq_len, args.micro_batch,
