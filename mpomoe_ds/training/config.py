@@ -51,6 +51,9 @@ class TrainConfig:
     seed: model/dropout seed. diversity_tokens: tokens per layer used for the
     expert-similarity metrics at eval (0 = off). max_eval_batches: cap per task
     (None = the whole validation split). progress_bar / tensorboard: rank-0 output.
+    peak_tflops: the peak dense TFLOP/s of one rank's device in the training
+    precision (e.g. 989 for an H100 SXM in bf16); with it the log shows the
+    model FLOPs utilisation ``train/mfu`` (null: achieved TFLOP/s only).
     """
 
     max_steps: int = 150
@@ -65,6 +68,7 @@ class TrainConfig:
     max_eval_batches: Optional[int] = None
     progress_bar: bool = True
     tensorboard: bool = True
+    peak_tflops: Optional[float] = None
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "log_every"):
@@ -75,5 +79,7 @@ class TrainConfig:
                 fail("train", name, getattr(self, name), "use a value >= 0 (0 = off / only at the end)")
         if self.keep_last < 1:
             fail("train", "keep_last", self.keep_last, "keep at least 1 checkpoint")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            fail("train", "peak_tflops", self.peak_tflops, "give the device's peak TFLOP/s (> 0), or null")
         if self.max_eval_batches is not None and self.max_eval_batches < 1:
             fail("train", "max_eval_batches", self.max_eval_batches, "use null (all) or a positive count")

@@ -30,6 +30,7 @@ from mpomoe_ds.training import checkpoint
 from mpomoe_ds.training.build import build_engine, build_model, run_tokenizer
 from mpomoe_ds.training.engine import clip_grad_norm_
 from mpomoe_ds.training.evaluate import diversity_metrics, evaluate
+from mpomoe_ds.training.flops import mfu, training_flops_per_token
 from mpomoe_ds.training.launch import init_distributed
 from mpomoe_ds.training.monitor import Monitor, logger, setup_logging
 from mpomoe_ds.training.run_config import RunConfig
@@ -68,9 +69,17 @@ class Trainer:
         self.monitor = Monitor(self.rank, self.output_dir, cfg.train.max_steps, self.start_step,
                                tensorboard=cfg.train.tensorboard, progress_bar=cfg.train.progress_bar)
         self.monitor.log(self.report.summary())
+        self.flops_per_token = self._flops_per_token()
         self.monitor.log(f"world {self.world}, ep_size {cfg.moe.ep_size}, micro-batch {micro}, "
                          f"grad accumulation {self.engine.gradient_accumulation_steps()}, "
                          f"starting at step {self.start_step} of {cfg.train.max_steps}")
+
+    def _flops_per_token(self) -> float:
+        hf_config = self.model.backbone.config
+        layers = next(getattr(hf_config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
+                      if hasattr(hf_config, k))
+        hidden = next(getattr(hf_config, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(hf_config, k))
+        return training_flops_per_token(self.model, layers, self.config.data.max_seq_len, hidden)
 
     def _build_omoe(self) -> Optional[OrthogonalExpertOptimizer]:
         if not self.config.omoe.enabled:
@@ -197,6 +206,10 @@ class Trainer:
         scalars = {"train/loss": stats["loss"], "train/aux_loss": stats["aux_loss"], "train/lr": lr,
                    "train/tokens_per_s": float(tokens) / max(window_seconds, 1e-9)}
         scalars.update({f"train/task_loss/{t}": v for t, v in stats["task_losses"].items()})
+        scalars["train/model_tflops_per_s"] = scalars["train/tokens_per_s"] * self.flops_per_token / 1e12
+        if self.config.train.peak_tflops:
+            scalars["train/mfu"] = mfu(scalars["train/tokens_per_s"], self.flops_per_token,
+                                       self.config.train.peak_tflops, self.world)
         scalars.update({f"train/tokens_seen/{name}": n for name, n in corpus_tokens.items()})
         if "grad_norm" in stats:
             scalars["train/grad_norm"] = stats["grad_norm"]
@@ -211,7 +224,8 @@ class Trainer:
         per_layer = stats["aux_loss"] / max(len(self.moe_step.layers), 1)
         self.monitor.log(f"step {step}/{self.config.train.max_steps} loss {stats['loss']:.4f} "
                          f"balance loss/layer {per_layer:.3f} (1 = balanced) lr {lr:.3g} "
-                         f"tokens/s {scalars['train/tokens_per_s']:.0f}")
+                         f"tokens/s {scalars['train/tokens_per_s']:.0f}"
+                         + (f" MFU {100 * scalars['train/mfu']:.2f}%" if "train/mfu" in scalars else ""))
 
     def _corpus_tokens_seen(self) -> dict[str, float]:
         """Real tokens read so far per pretraining corpus, over all ranks ({} for task training)."""
