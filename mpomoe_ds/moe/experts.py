@@ -80,6 +80,17 @@ class ExpertHooks(Protocol):
         """See the inputs of a matrix in a training forward; ``valid_LS`` marks real tokens."""
 
 
+def _own_parameter(tensor: torch.Tensor) -> nn.Parameter:
+    """A parameter holding a contiguous copy of ``tensor``.
+
+    ``clone()`` keeps the strides of its input, so a pretrained weight read in
+    x @ W orientation (a transposed view of nn.Linear's weight) would stay
+    non-contiguous, and DeepSpeed's ``_broadcast_model`` (``tensor.view(uint8)``
+    under NCCL) refuses it: "self.stride(-1) must be 1 to view Float as Byte".
+    """
+    return nn.Parameter(tensor.detach().clone(memory_format=torch.contiguous_format))
+
+
 class MPOExpert(nn.Module):
     """One expert's own tensors: the auxiliary cores of each matrix, and biases.
 
@@ -89,10 +100,10 @@ class MPOExpert(nn.Module):
     def __init__(self, up_aux: list[torch.Tensor], down_aux: list[torch.Tensor], up_bias: torch.Tensor,
                  down_bias: torch.Tensor) -> None:
         super().__init__()
-        self.up_aux = nn.ParameterList([nn.Parameter(c.detach().clone().contiguous()) for c in up_aux])
-        self.down_aux = nn.ParameterList([nn.Parameter(c.detach().clone().contiguous()) for c in down_aux])
-        self.up_bias = nn.Parameter(up_bias.detach().clone())
-        self.down_bias = nn.Parameter(down_bias.detach().clone())
+        self.up_aux = nn.ParameterList([_own_parameter(c) for c in up_aux])
+        self.down_aux = nn.ParameterList([_own_parameter(c) for c in down_aux])
+        self.up_bias = _own_parameter(up_bias)
+        self.down_bias = _own_parameter(down_bias)
 
     def aux_cores(self, matrix: str) -> nn.ParameterList:
         return self.up_aux if matrix == "up" else self.down_aux
@@ -104,10 +115,10 @@ class FFNExpert(nn.Module):
     def __init__(self, up_weight: torch.Tensor, up_bias: torch.Tensor, down_weight: torch.Tensor,
                  down_bias: torch.Tensor) -> None:
         super().__init__()
-        self.up_weight = nn.Parameter(up_weight.detach().clone())
-        self.up_bias = nn.Parameter(up_bias.detach().clone())
-        self.down_weight = nn.Parameter(down_weight.detach().clone())
-        self.down_bias = nn.Parameter(down_bias.detach().clone())
+        self.up_weight = _own_parameter(up_weight)
+        self.up_bias = _own_parameter(up_bias)
+        self.down_weight = _own_parameter(down_weight)
+        self.down_bias = _own_parameter(down_bias)
 
 
 class MoEExperts(Experts):
