@@ -16,7 +16,6 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from mpomoe_ds import parallel
 from mpomoe_ds.config import to_dict
@@ -186,9 +185,8 @@ class Trainer:
         counts = stats["expert_counts"]
         if counts is not None:
             counts = counts.detach().float().clone()
-            dist.all_reduce(counts)  # tokens per expert over all ranks
-        tokens = torch.tensor(float(window_tokens))
-        dist.all_reduce(tokens)
+            counts = parallel.all_reduce(counts)  # tokens per expert over all ranks
+        tokens = parallel.all_reduce(torch.tensor(float(window_tokens)))
         if self.rank != 0:
             return
         lr = self.engine.get_lr()[0]
@@ -217,12 +215,12 @@ class Trainer:
                                     client_state={"train_batches": self.batches.state_dict(), "step": step})
         checkpoint.save_rank_state(self.checkpoint_dir, tag, self.rank,
                                    {"omoe": self.omoe.state_dict() if self.omoe is not None else None})
-        dist.barrier()
+        parallel.barrier()
         if self.rank == 0:
             checkpoint.atomic_write_text(self.checkpoint_dir / "latest", tag)
             removed = checkpoint.prune(self.checkpoint_dir, self.config.train.keep_last)
             self.monitor.log(f"saved checkpoint {tag}" + (f", removed {removed}" if removed else ""))
-        dist.barrier()
+        parallel.barrier()
 
     def _final_metrics(self, step: int, final: dict, baseline: dict, losses: list[float]) -> dict[str, Any]:
         if self.rank != 0:
