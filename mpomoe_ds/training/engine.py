@@ -56,6 +56,20 @@ def validate_ds_config(ds_config: dict[str, Any], model: nn.Module) -> None:
         parallel.check_ep_size(layer.ep_size, layer.num_experts)
 
 
+def _check_precision_supported(ds_config: dict[str, Any]) -> None:
+    """fp16 where the accelerator has no fp16 (DeepSpeed's CPU accelerator) fails here, naming the fix."""
+    if not (ds_config.get("fp16") or {}).get("enabled", False):
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if torch.float16 not in accelerator.supported_dtypes():
+        raise DeepSpeedConfigError(
+            f"fp16.enabled is true but DeepSpeed's {accelerator.device_name()} accelerator supports only "
+            f"{[str(d).replace('torch.', '') for d in accelerator.supported_dtypes()]}: set fp16.enabled false and "
+            f"bf16.enabled true (e.g. ds_configs/zero2_bf16.json), or run the fp16 config on a GPU")
+
+
 def initialize(model: nn.Module, ds_config: Union[str, Path, dict], *, optim: Optional[OptimConfig] = None,
                optimizer: Optional[torch.optim.Optimizer] = None, lr_scheduler: Any = None) -> Any:
     """``deepspeed.initialize`` with validation and MoE parameter groups; returns the engine.
