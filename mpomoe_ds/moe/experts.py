@@ -80,6 +80,11 @@ class ExpertHooks(Protocol):
         """See the inputs of a matrix in a training forward; ``valid_LS`` marks real tokens."""
 
 
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing recomputing it."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _own_parameter(tensor: torch.Tensor) -> nn.Parameter:
     """A parameter holding a contiguous copy of ``tensor``.
 
@@ -156,7 +161,8 @@ class MoEExperts(Experts):
         MPO experts then rebuild their weights once per step
         (:class:`StepReconstruction`); gradients stay exact. Requirements: one
         training forward and backward per micro-batch, in order, on every rank
-        alike (no activation checkpointing that re-runs this layer's forward).
+        alike (no activation checkpointing that re-runs this layer's forward:
+        under it, use ``index=None``, i.e. ``MoEStep(per_step_reconstruction=False)``).
         ``index=None`` returns to rebuilding in every forward. A forward
         outside training or under ``torch.no_grad()`` ignores the setting.
 
@@ -221,6 +227,12 @@ class MoEExperts(Experts):
         """The weights of this forward: from the per-step reconstruction, or rebuilt now."""
         if not self._cache_in_use():
             return self.expert_weights(central, active_L)
+        if recomputing():
+            raise RuntimeError(
+                "activation checkpointing re-ran an MoE layer that takes its weights from the per-step "
+                "reconstruction, which a recomputation cannot replay; with checkpointing build the MoE step as "
+                "MoEStep(model, per_step_reconstruction=False) (the trainer does when train.activation_checkpointing "
+                "is true): experts are then rebuilt in every forward and recomputation, gradients exact")
         if self._step is None:
             self._step = StepReconstruction(self.expert_weights(central))
         if not self._micro_batch[1]:
@@ -248,7 +260,8 @@ class MoEExperts(Experts):
             weights = {m: hooks.transform_weight(self, m, w) for m, w in weights.items()}
         x_LSD = x_LSD.to(weights["up"].dtype)
         h_LSF = activation_function(self.activation)(torch.baddbmm(biases["up"].unsqueeze(1), x_LSD, weights["up"]))
-        if hooks is not None and self.training and valid_LS is not None:
+        # A recomputation (activation checkpointing) already showed these inputs in its first forward.
+        if hooks is not None and self.training and valid_LS is not None and not recomputing():
             hooks.observe_inputs(self, "up", x_LSD.detach(), valid_LS)
             hooks.observe_inputs(self, "down", h_LSF.detach(), valid_LS)
         return torch.baddbmm(biases["down"].unsqueeze(1), h_LSF, weights["down"])

@@ -51,6 +51,10 @@ class TrainConfig:
     seed: model/dropout seed. diversity_tokens: tokens per layer used for the
     expert-similarity metrics at eval (0 = off). max_eval_batches: cap per task
     (None = the whole validation split). progress_bar / tensorboard: rank-0 output.
+    activation_checkpointing: recompute each transformer block's activations
+    in the backward pass (Hugging Face ``gradient_checkpointing_enable`` with
+    torch's non-reentrant checkpoint); MoE layers stay exact, see
+    :mod:`mpomoe_ds.moe.layer`.
     """
 
     max_steps: int = 150
@@ -65,6 +69,7 @@ class TrainConfig:
     max_eval_batches: Optional[int] = None
     progress_bar: bool = True
     tensorboard: bool = True
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "log_every"):
