@@ -56,7 +56,7 @@ def main() -> None:
     batches = iter(trainer.batches)
     losses = [trainer.train_step(step, batches)["loss"] for step in range(args.steps)]
     result = {"losses": losses, "grad_norms": grads, "rank": trainer.rank, "world": trainer.world,
-              "dtype": str(next(p for p in engine.module.parameters()).dtype),
+              "device": str(engine.device), "dtype": str(next(p for p in engine.module.parameters()).dtype),
               "finite": all(torch.isfinite(torch.tensor(losses)).tolist()),
               "checkpointing": any(getattr(m, "gradient_checkpointing", False) for m in engine.module.modules())}
     with open(f"{args.out}.rank{trainer.rank}.json", "w") as fh:
