@@ -101,14 +101,19 @@ def free_port() -> int:
 
 
 def launch(script: Path, ranks: int, args: list[str], malloc_tuning: bool = True, threads: Optional[int] = None,
-           timeout: Optional[float] = None) -> None:
-    """Run ``script --worker ARGS`` on ``ranks`` processes (torchrun), CPU accelerator, gloo.
+           timeout: Optional[float] = None, device: str = "cpu") -> None:
+    """Run ``script --worker ARGS`` on ``ranks`` processes (torchrun): CPU accelerator and gloo, or CUDA.
 
     Threads per rank default to cores // ranks, so ranks never oversubscribe.
+    ``device="cuda"`` leaves DeepSpeed to pick the CUDA accelerator (NCCL).
     """
     env = dict(os.environ)
     threads = threads or max(1, (os.cpu_count() or 1) // ranks)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    else:
+        env.pop("DS_ACCELERATOR", None)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     if malloc_tuning:
@@ -221,6 +226,13 @@ def train_step(engine, batches: list, moe_step, per_step: bool, stopwatch: Optio
     moe_step.end_step(step)
 
 
+def synchronize() -> None:
+    """Wait for the accelerator's queued work (a no-op on the CPU accelerator)."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().synchronize()
+
+
 def timed_rounds(rank: int, run_steps: dict[str, Callable[[Stopwatch], None]], warmup: int,
                  steps: int) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]]]:
     """Time every variant's ``run_steps[kind](stopwatch)`` interleaved, ``warmup + steps`` rounds.
@@ -242,6 +254,7 @@ def timed_rounds(rank: int, run_steps: dict[str, Callable[[Stopwatch], None]], w
             sw = Stopwatch()
             start = time.perf_counter()
             run_steps[k](sw)
+            synchronize()  # GPU kernels run asynchronously: the step ends when they do
             this_round[k] = slowest_rank(time.perf_counter() - start)
             if r >= warmup:
                 times[k].append(this_round[k])

@@ -259,6 +259,10 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
     gen = torch.Generator().manual_seed(1000 * rank + tokens + num_experts)
     batches = [torch.randn(tokens, HIDDEN, generator=gen).to(dtype) for _ in range(args.grad_accum)]
     caps = capacities(batches, num_experts)
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().current_device_name())
+    batches = [b.to(device) for b in batches]
     local = num_experts // ep
     slots = [local * ep * c for c in caps]  # rows each rank's expert matmuls process per micro-batch
     token_macs = sum(s * 2 * HIDDEN * FFN for s in slots) * 3
@@ -365,6 +369,8 @@ def parse_args(argv: Optional[list[str]] = None):
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds")
     parser.add_argument("--zero", type=int, default=2, choices=(0, 1, 2))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: DeepSpeed's CUDA accelerator (NCCL), one GPU per rank")
     parser.add_argument("--out", default=str(common.RESULTS / "layer.json"))
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads per rank (default 1: on a small shared machine, multi-threaded small "
@@ -422,7 +428,7 @@ def drive(args) -> None:
                           ["--grad-accum", str(accum), "--cells", f"{num_experts}x{tokens}",
                            "--variants", *args.variants, "--steps", str(args.steps), "--warmup", str(args.warmup),
                            "--zero", str(args.zero), "--dtype", args.dtype, "--out", str(part)],
-                          malloc_tuning=not args.no_malloc_tuning, threads=args.threads)
+                          malloc_tuning=not args.no_malloc_tuning, threads=args.threads, device=args.device)
             result = common.read_json(part)
             machine = machine or result["machine"]
             if run is None:

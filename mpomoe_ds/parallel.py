@@ -1,15 +1,22 @@
-"""Process groups for expert parallelism.
+"""Process groups and every collective of the package.
 
 This module is the one place that touches DeepSpeed's private group registry
-(``deepspeed.utils.groups._*``) and its autograd all-to-all; everything else
-receives process groups as arguments. Layout (DeepSpeed's default): the ranks
+(``deepspeed.utils.groups._*``), its autograd all-to-all, and the collectives
+of ``torch.distributed`` (tests/test_layout.py fails if another module calls
+one); everything else receives process groups as arguments.
+
+Device placement: each collective takes tensors on the caller's device and
+returns them there, and sends them on the *communication device* of the
+group's backend: the accelerator for NCCL/HCCL/..., the CPU for gloo/MPI/CCL.
+So a CPU counter is all-reduced under NCCL and a CUDA tensor under gloo; a
+tensor already on the communication device is not copied. Layout (DeepSpeed's default): the ranks
 of an expert-parallel group are consecutive, ``ep_rank = rank % ep_size``, and
 expert-data-parallel groups join ranks with the same ep_rank.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -83,17 +90,118 @@ def group_size(group: Optional[ProcessGroup]) -> int:
     return dist.get_world_size(group) if group is not None else 1
 
 
+# --------------------------------------------------------------------------- placement
+
+CPU_BACKENDS = ("gloo", "mpi", "ccl")  # backends that communicate host memory
+
+
+def device_for_backend(backend: str, accelerator: Callable[[], torch.device]) -> torch.device:
+    """Where ``backend`` communicates: the CPU for host backends, else ``accelerator()``."""
+    return torch.device("cpu") if backend.lower() in CPU_BACKENDS else accelerator()
+
+
+def _accelerator_device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def communication_device(group: Optional[ProcessGroup] = None) -> torch.device:
+    """The device the group's backend sends tensors from (see the module docstring)."""
+    return device_for_backend(str(dist.get_backend(group)), _accelerator_device)
+
+
+def _active(group: Optional[ProcessGroup]) -> bool:
+    """Whether a collective over ``group`` (None: the world) has anything to do."""
+    return is_distributed() and dist.get_world_size(group) > 1
+
+
+def _reduce_op(op: str) -> Any:
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    if op not in ops:
+        raise ValueError(f"unknown reduction {op!r}; choose one of {sorted(ops)}")
+    return ops[op]
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def all_reduce(values: torch.Tensor, group: Optional[ProcessGroup] = None, op: str = "sum") -> torch.Tensor:
+    """``values`` reduced over the group (None: the world), on ``values``' device.
+
+    Reduces in place when ``values`` is already contiguous on the
+    communication device; the input is otherwise left alone. Identity outside
+    torch.distributed or in a group of one.
+    """
+    if not _active(group):
+        return values
+    sent = values.to(communication_device(group)).contiguous()
+    dist.all_reduce(sent, op=_reduce_op(op), group=group)
+    return sent.to(values.device)
+
+
+def all_reduce_max(group: Optional[ProcessGroup], values: torch.Tensor) -> torch.Tensor:
+    """MAX over the group (identity without one), on ``values``' device."""
+    return values if group is None else all_reduce(values, group, op="max")
+
+
+def all_gather(tensor: torch.Tensor, group: Optional[ProcessGroup] = None) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape on all ranks), in group-rank order, on ``tensor``'s device."""
+    if not _active(group):
+        return [tensor]
+    sent = tensor.to(communication_device(group)).contiguous()
+    parts = [torch.empty_like(sent) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, sent, group=group)
+    return [p.to(tensor.device) for p in parts]
+
+
+def all_gather_flat(shard: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """The group's equal 1-D shards concatenated in rank order, on ``shard``'s device."""
+    if not _active(group):
+        return shard
+    sent = shard.to(communication_device(group)).contiguous()
+    full = sent.new_empty(sent.numel() * dist.get_world_size(group))
+    dist.all_gather_single(full, sent, group=group)
+    return full.to(shard.device)
+
+
+def reduce_scatter_flat(padded: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """This rank's 1/world slice of the group's sum of ``padded`` (1-D, length divisible by the group size)."""
+    if not _active(group):
+        return padded
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if padded.numel() % world:
+        raise ValueError(f"reduce_scatter_flat: {padded.numel()} elements do not split into {world} shards; pad first")
+    shard_numel = padded.numel() // world
+    sent = padded.to(communication_device(group)).contiguous()
+    if str(dist.get_backend(group)).lower() in CPU_BACKENDS:  # no reduce-scatter there: all-reduce, keep a slice
+        dist.all_reduce(sent, group=group)
+        return sent.narrow(0, rank * shard_numel, shard_numel).to(padded.device, copy=True)
+    shard = sent.new_empty(shard_numel)
+    dist.reduce_scatter_single(shard, sent, group=group)
+    return shard.to(padded.device)
+
+
+def all_gather_object(obj: Any, group: Optional[ProcessGroup] = None) -> list[Any]:
+    """Every rank's picklable ``obj`` in group-rank order (``[obj]`` outside torch.distributed)."""
+    if not _active(group):
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
+def barrier(group: Optional[ProcessGroup] = None) -> None:
+    """Wait for every rank of the group (no-op outside torch.distributed)."""
+    if _active(group):
+        dist.barrier(group=group)
+
+
 def all_to_all(group: Optional[ProcessGroup], x: torch.Tensor) -> torch.Tensor:
-    """Differentiable equal-split all-to-all along dim 0 (identity without a group)."""
+    """Differentiable equal-split all-to-all along dim 0 (identity without a group), on ``x``'s device."""
     if group is None or dist.get_world_size(group) == 1:
         return x
     from deepspeed.moe.sharded_moe import _AllToAll
 
-    return _AllToAll.apply(group, x.contiguous())
-
-
-def all_reduce_max(group: Optional[ProcessGroup], values: torch.Tensor) -> torch.Tensor:
-    """In-place MAX over the group (no-op without one); returns the tensor."""
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
-    return values
+    device = communication_device(group)
+    return _AllToAll.apply(group, x.to(device).contiguous()).to(x.device)

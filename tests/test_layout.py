@@ -127,3 +127,57 @@ def test_dataclass_defaults_are_the_run_defaults():
                                                                                                "perturb")
     assert MoEConfig().with_ep_size(1).ep_size == 1 and MoEConfig(num_experts=8).with_ep_size(4).ep_size == 4
     assert MoEConfig(num_experts=4).with_ep_size(6).ep_size == 2  # largest divisor of both
+
+
+# Collectives live in mpomoe_ds/parallel.py only (it places tensors on the backend's device).
+# Names no tensor or module API shares are flagged on any receiver but `parallel`; names that
+# tensors also have (x.gather, x.scatter_) only on a torch.distributed / deepspeed.comm alias.
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "all_gather_object",
+               "all_gather_coalesced", "reduce_scatter", "reduce_scatter_single", "reduce_scatter_tensor",
+               "all_to_all", "all_to_all_single", "broadcast", "broadcast_object_list", "gather_object",
+               "scatter_object_list", "barrier", "monitored_barrier", "isend", "irecv", "inference_all_reduce",
+               "_AllToAll"}
+AMBIGUOUS_COLLECTIVES = {"reduce", "gather", "scatter", "send", "recv"}
+DIST_MODULES = ("torch.distributed", "deepspeed.comm")
+COLLECTIVES_MODULE = PACKAGE / "parallel.py"
+
+
+def collective_calls(path: Path) -> list[str]:
+    """``line: name`` of every collective ``path`` reaches for outside :mod:`mpomoe_ds.parallel`."""
+    tree = ast.parse(path.read_text())
+    aliases = {"dist", "comm"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update(a.asname or a.name for a in node.names if a.name.startswith(DIST_MODULES))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("torch", "deepspeed"):
+            aliases.update(a.asname or a.name for a in node.names
+                           if f"{node.module}.{a.name}".startswith(DIST_MODULES))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and not (node.module or "").startswith("mpomoe_ds") and node.level == 0:
+            found += [f"{node.lineno}: import {a.name}" for a in node.names if a.name in COLLECTIVES
+                      or (a.name in AMBIGUOUS_COLLECTIVES and node.module.startswith(DIST_MODULES))]
+        elif isinstance(node, ast.Attribute):
+            receiver = ast.unparse(node.value)
+            if node.attr in COLLECTIVES and receiver != "parallel":
+                found.append(f"{node.lineno}: {receiver}.{node.attr}")
+            elif node.attr in AMBIGUOUS_COLLECTIVES and (receiver in aliases or receiver.startswith(DIST_MODULES)):
+                found.append(f"{node.lineno}: {receiver}.{node.attr}")
+    return found
+
+
+def test_only_the_parallel_module_calls_collectives():
+    offenders = {module_name(p): calls for p in PACKAGE.rglob("*.py") if p != COLLECTIVES_MODULE
+                 for calls in [collective_calls(p)] if calls}
+    assert not offenders, f"route these through mpomoe_ds.parallel (it places tensors for the backend): {offenders}"
+
+
+def test_collective_checker_sees_every_spelling(tmp_path):
+    """The checker itself: aliases, full paths, from-imports, DeepSpeed's comm and all-to-all; not tensor ops."""
+    sample = tmp_path / "sample.py"
+    sample.write_text('"""x"""\nimport torch\nimport torch.distributed as td\nfrom deepspeed import comm as c\n'
+                      'from torch.distributed import all_gather_object\nfrom deepspeed.moe.sharded_moe import _AllToAll\n'
+                      'td.all_reduce(x)\ntorch.distributed.barrier()\nc.broadcast(x, 0)\ntd.gather(x)\n'
+                      'x.gather(0, i)\nparallel.all_reduce(x)\n')
+    assert collective_calls(sample) == ["5: import all_gather_object", "6: import _AllToAll", "7: td.all_reduce",
+                                        "8: torch.distributed.barrier", "9: c.broadcast", "10: td.gather"]

@@ -10,8 +10,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from mpomoe_ds import parallel
 from mpomoe_ds.data.tasks import DataError
 from mpomoe_ds.data.tokenize import TaskData, make_batch
 
@@ -64,7 +64,7 @@ def merge_eval_shards(example_index_M: np.ndarray, predictions_M: np.ndarray, la
 
 
 def gather_eval(example_index_M: torch.Tensor, predictions_M: torch.Tensor, labels_M: torch.Tensor,
-                mask_M: torch.Tensor, num_examples: int, group: Optional[dist.ProcessGroup] = None
+                mask_M: torch.Tensor, num_examples: int, group: Optional[parallel.ProcessGroup] = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """All-gather this rank's eval rows and merge them: every rank gets the full, ordered result.
 
@@ -72,17 +72,9 @@ def gather_eval(example_index_M: torch.Tensor, predictions_M: torch.Tensor, labe
     the model's predictions (logits (M, C) or scores (M,)), labels and
     eval_mask, padded rows included: every rank has the same M (same number
     of same-shape batches), so a plain tensor all_gather works, no pickling.
-    Tensors may live on the accelerator (NCCL needs that); results are numpy.
+    Tensors may live on any device (parallel places them for the backend); results are numpy.
     """
     parts = [example_index_M.to(torch.int64), predictions_M.detach().float(), labels_M.detach(),
              mask_M.to(torch.int64)]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        world = dist.get_world_size(group)
-        gathered = []
-        for tensor in parts:
-            tensor = tensor.contiguous()
-            pieces = [torch.empty_like(tensor) for _ in range(world)]
-            dist.all_gather(pieces, tensor, group=group)
-            gathered.append(torch.cat(pieces))
-        parts = gathered
+    parts = [torch.cat(parallel.all_gather(tensor, group)) for tensor in parts]
     return merge_eval_shards(*(t.cpu().numpy() for t in parts), num_examples=num_examples)

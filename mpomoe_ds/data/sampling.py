@@ -12,8 +12,8 @@ from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from mpomoe_ds import parallel
 from mpomoe_ds.data.config import REMAINDERS, DataConfig
 from mpomoe_ds.data.mixture import MixtureSampler, PackedMixtureBatches
 from mpomoe_ds.data.tasks import DataError
@@ -250,17 +250,15 @@ def mixture_probabilities(token_counts: Sequence[int], weights: Optional[Sequenc
     return temperature_probabilities(token_counts, temperature)
 
 
-def check_same_plan(sampler: Union[MultiTaskBatchSampler, MixtureSampler], group: Optional[dist.ProcessGroup] = None) -> None:
+def check_same_plan(sampler: Union[MultiTaskBatchSampler, MixtureSampler],
+                    group: Optional[parallel.ProcessGroup] = None) -> None:
     """Raise DataError on every rank if ranks built different plans (they would hang in all-to-all).
 
     Different plans come from different data files or settings on different
     nodes. Costs one small all_gather_object; call it once after building
     the training stream. No-op outside torch.distributed.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    plans: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(plans, sampler.fingerprint(), group=group)
+    plans = parallel.all_gather_object(sampler.fingerprint(), group)
     odd = [r for r, plan in enumerate(plans) if plan != plans[0]]
     if odd:
         raise DataError(f"ranks {odd} built a different data plan than rank 0 ({plans[odd[0]]} vs {plans[0]}); "

@@ -34,7 +34,6 @@ from collections.abc import Iterator, Mapping
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mpomoe_ds import parallel
@@ -43,9 +42,7 @@ from mpomoe_ds.moe.grad_mask import GradientMask
 
 def _all_gather_flat(shard: torch.Tensor, group: parallel.ProcessGroup, numel: int) -> torch.Tensor:
     """The first ``numel`` elements of the group's equal 1-D shards, concatenated in rank order."""
-    full = shard.new_empty(shard.numel() * dist.get_world_size(group))
-    dist.all_gather_single(full, shard.contiguous(), group=group)
-    return full[:numel]
+    return parallel.all_gather_flat(shard, group)[:numel]
 
 
 class _GatherShards(torch.autograd.Function):
@@ -58,18 +55,11 @@ class _GatherShards(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None]:
-        group = ctx.group
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        world = parallel.group_size(ctx.group)
         shard_numel = -(-grad.numel() // world)
         padded = grad.new_zeros(shard_numel * world)
         padded[:grad.numel()] = grad
-        if dist.get_backend(group) == "nccl":
-            shard = grad.new_empty(shard_numel)
-            dist.reduce_scatter_single(shard, padded, group=group)
-            return shard, None, None
-        # gloo has no reduce-scatter: all-reduce and keep this rank's slice.
-        dist.all_reduce(padded, group=group)
-        return padded.narrow(0, rank * shard_numel, shard_numel).clone(), None, None
+        return parallel.reduce_scatter_flat(padded, ctx.group), None, None
 
 
 class GatheredCentral(Mapping):

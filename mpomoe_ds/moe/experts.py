@@ -80,6 +80,22 @@ class ExpertHooks(Protocol):
         """See the inputs of a matrix in a training forward; ``valid_LS`` marks real tokens."""
 
 
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing recomputing it."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _own_parameter(tensor: torch.Tensor) -> nn.Parameter:
+    """A parameter holding a contiguous copy of ``tensor``.
+
+    ``clone()`` keeps the strides of its input, so a pretrained weight read in
+    x @ W orientation (a transposed view of nn.Linear's weight) would stay
+    non-contiguous, and DeepSpeed's ``_broadcast_model`` (``tensor.view(uint8)``
+    under NCCL) refuses it: "self.stride(-1) must be 1 to view Float as Byte".
+    """
+    return nn.Parameter(tensor.detach().clone(memory_format=torch.contiguous_format))
+
+
 class MPOExpert(nn.Module):
     """One expert's own tensors: the auxiliary cores of each matrix, and biases.
 
@@ -89,10 +105,10 @@ class MPOExpert(nn.Module):
     def __init__(self, up_aux: list[torch.Tensor], down_aux: list[torch.Tensor], up_bias: torch.Tensor,
                  down_bias: torch.Tensor) -> None:
         super().__init__()
-        self.up_aux = nn.ParameterList([nn.Parameter(c.detach().clone().contiguous()) for c in up_aux])
-        self.down_aux = nn.ParameterList([nn.Parameter(c.detach().clone().contiguous()) for c in down_aux])
-        self.up_bias = nn.Parameter(up_bias.detach().clone())
-        self.down_bias = nn.Parameter(down_bias.detach().clone())
+        self.up_aux = nn.ParameterList([_own_parameter(c) for c in up_aux])
+        self.down_aux = nn.ParameterList([_own_parameter(c) for c in down_aux])
+        self.up_bias = _own_parameter(up_bias)
+        self.down_bias = _own_parameter(down_bias)
 
     def aux_cores(self, matrix: str) -> nn.ParameterList:
         return self.up_aux if matrix == "up" else self.down_aux
@@ -104,10 +120,10 @@ class FFNExpert(nn.Module):
     def __init__(self, up_weight: torch.Tensor, up_bias: torch.Tensor, down_weight: torch.Tensor,
                  down_bias: torch.Tensor) -> None:
         super().__init__()
-        self.up_weight = nn.Parameter(up_weight.detach().clone())
-        self.up_bias = nn.Parameter(up_bias.detach().clone())
-        self.down_weight = nn.Parameter(down_weight.detach().clone())
-        self.down_bias = nn.Parameter(down_bias.detach().clone())
+        self.up_weight = _own_parameter(up_weight)
+        self.up_bias = _own_parameter(up_bias)
+        self.down_weight = _own_parameter(down_weight)
+        self.down_bias = _own_parameter(down_bias)
 
 
 class MoEExperts(Experts):
@@ -145,7 +161,8 @@ class MoEExperts(Experts):
         MPO experts then rebuild their weights once per step
         (:class:`StepReconstruction`); gradients stay exact. Requirements: one
         training forward and backward per micro-batch, in order, on every rank
-        alike (no activation checkpointing that re-runs this layer's forward).
+        alike (no activation checkpointing that re-runs this layer's forward:
+        under it, use ``index=None``, i.e. ``MoEStep(per_step_reconstruction=False)``).
         ``index=None`` returns to rebuilding in every forward. A forward
         outside training or under ``torch.no_grad()`` ignores the setting.
 
@@ -210,6 +227,12 @@ class MoEExperts(Experts):
         """The weights of this forward: from the per-step reconstruction, or rebuilt now."""
         if not self._cache_in_use():
             return self.expert_weights(central, active_L)
+        if recomputing():
+            raise RuntimeError(
+                "activation checkpointing re-ran an MoE layer that takes its weights from the per-step "
+                "reconstruction, which a recomputation cannot replay; with checkpointing build the MoE step as "
+                "MoEStep(model, per_step_reconstruction=False) (the trainer does when train.activation_checkpointing "
+                "is true): experts are then rebuilt in every forward and recomputation, gradients exact")
         if self._step is None:
             self._step = StepReconstruction(self.expert_weights(central))
         if not self._micro_batch[1]:
@@ -237,7 +260,8 @@ class MoEExperts(Experts):
             weights = {m: hooks.transform_weight(self, m, w) for m, w in weights.items()}
         x_LSD = x_LSD.to(weights["up"].dtype)
         h_LSF = activation_function(self.activation)(torch.baddbmm(biases["up"].unsqueeze(1), x_LSD, weights["up"]))
-        if hooks is not None and self.training and valid_LS is not None:
+        # A recomputation (activation checkpointing) already showed these inputs in its first forward.
+        if hooks is not None and self.training and valid_LS is not None and not recomputing():
             hooks.observe_inputs(self, "up", x_LSD.detach(), valid_LS)
             hooks.observe_inputs(self, "down", h_LSF.detach(), valid_LS)
         return torch.baddbmm(biases["down"].unsqueeze(1), h_LSF, weights["down"])

@@ -286,11 +286,12 @@ class MPOEMoE(MoE):
                 mask.set_step(step)
         self._step_hooks = hooks
 
-    def begin_micro_batch(self, index: int, is_last: bool) -> None:
+    def begin_micro_batch(self, index: Optional[int], is_last: bool) -> None:
         """Where the next forward sits in gradient accumulation (MPO experts rebuild once per step).
 
         See :meth:`mpomoe_ds.moe.experts.MoEExperts.set_micro_batch`: index in
-        the step (0-based), and whether the optimizer steps after it.
+        the step (0-based; None: rebuild in every forward), and whether the
+        optimizer steps after it.
         """
         self.deepspeed_moe.experts.set_micro_batch(index, is_last)
 

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from mpomoe_ds import parallel
 
 
 @dataclass
@@ -108,14 +109,10 @@ def expert_similarity(outputs_END: torch.Tensor) -> ExpertSimilarity:
 
 def _gather_rows(x_ND: torch.Tensor, group: Any) -> torch.Tensor:
     """Concatenate every rank's rows (counts may differ) in group-rank order."""
-    size = dist.get_world_size(group)
-    count = torch.tensor([x_ND.shape[0]], device=x_ND.device)
-    counts = [torch.zeros_like(count) for _ in range(size)]
-    dist.all_gather(counts, count, group=group)
+    counts = parallel.all_gather(torch.tensor([x_ND.shape[0]]), group)
     most = int(max(int(c) for c in counts))
     padded = torch.cat([x_ND, x_ND.new_zeros(most - x_ND.shape[0], *x_ND.shape[1:])])
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded.contiguous(), group=group)
+    parts = parallel.all_gather(padded, group)
     return torch.cat([p[:int(c)] for p, c in zip(parts, counts)])
 
 
@@ -133,15 +130,13 @@ def dense_expert_outputs(layer: nn.Module, tokens_ND: torch.Tensor) -> torch.Ten
     experts = layer.deepspeed_moe.experts
     group = layer.ep_group
     tokens_ND = tokens_ND.reshape(-1, tokens_ND.shape[-1])
-    if group is not None and dist.get_world_size(group) > 1:
+    if parallel.group_size(group) > 1:
         tokens_ND = _gather_rows(tokens_ND, group)
     x_LND = tokens_ND.unsqueeze(0).expand(experts.num_local_experts, -1, -1)
     y_LND = experts(x_LND, layer.central_tensors(), None).float()
-    if group is None or dist.get_world_size(group) == 1:
+    if parallel.group_size(group) == 1:
         return y_LND
-    parts = [torch.empty_like(y_LND) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, y_LND.contiguous(), group=group)
-    return torch.cat(parts)
+    return torch.cat(parallel.all_gather(y_LND, group))
 
 
 def layer_expert_similarity(layer: nn.Module, tokens_ND: torch.Tensor) -> ExpertSimilarity:

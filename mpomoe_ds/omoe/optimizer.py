@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from mpomoe_ds import parallel
 from mpomoe_ds.config import ConfigError
 from mpomoe_ds.moe.experts import MoEExperts
 from mpomoe_ds.omoe.config import PHASES, OMoEConfig
@@ -131,11 +131,11 @@ class OrthogonalExpertOptimizer:
 
     @property
     def ep_size(self) -> int:
-        return dist.get_world_size(self.ep_group) if self.ep_group is not None else 1
+        return parallel.group_size(self.ep_group)
 
     @property
     def expert_dp_size(self) -> int:
-        return dist.get_world_size(self.expert_dp_group) if self.expert_dp_group is not None else 1
+        return parallel.group_size(self.expert_dp_group)
 
     # ---- step API
 
@@ -211,7 +211,7 @@ class OrthogonalExpertOptimizer:
     def _all_reduce(self, tensors: Sequence[torch.Tensor], group: Any) -> list[torch.Tensor]:
         """One SUM all-reduce of several tensors through a flat buffer."""
         flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat = parallel.all_reduce(flat, group)
         self.counters["collectives"] += 1
         self.counters["comm_bytes"] += flat.numel() * flat.element_size()
         out, offset = [], 0

@@ -51,6 +51,9 @@ def build_model(config: RunConfig, tasks: Sequence[TaskData],
     backbone = load_model(config.model.name_or_path, "causal-lm" if needs_lm_head else None,
                           weights=not config.model.random_init, config_overrides=config.model.config_overrides)
     report = convert_model(backbone, config.moe, config.mpo, ep_group=ep_group)
+    if config.train.activation_checkpointing:
+        # Non-reentrant: the first forward keeps its autograd graph (the balance loss needs it).
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(config.train.seed)  # task heads: identical on every rank
     model = MultiTaskModel(backbone, [t.spec for t in tasks], moe_aux=backbone.moe_aux,
                            aux_loss_coef=config.moe.aux_loss_coef, pooling=config.model.pooling,

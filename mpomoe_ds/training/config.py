@@ -51,6 +51,10 @@ class TrainConfig:
     seed: model/dropout seed. diversity_tokens: tokens per layer used for the
     expert-similarity metrics at eval (0 = off). max_eval_batches: cap per task
     (None = the whole validation split). progress_bar / tensorboard: rank-0 output.
+    activation_checkpointing: recompute each transformer block's activations
+    in the backward pass (Hugging Face ``gradient_checkpointing_enable`` with
+    torch's non-reentrant checkpoint); MoE layers stay exact, see
+    :mod:`mpomoe_ds.moe.layer`.
     peak_tflops: the peak dense TFLOP/s of one rank's device in the training
     precision (e.g. 989 for an H100 SXM in bf16); with it the log shows the
     model FLOPs utilisation ``train/mfu`` (null: achieved TFLOP/s only).
@@ -68,6 +72,7 @@ class TrainConfig:
     max_eval_batches: Optional[int] = None
     progress_bar: bool = True
     tensorboard: bool = True
+    activation_checkpointing: bool = False
     peak_tflops: Optional[float] = None
 
     def __post_init__(self) -> None:

@@ -34,7 +34,8 @@ def load_ds_config(config: Union[str, Path, dict]) -> dict[str, Any]:
 
 
 def validate_ds_config(ds_config: dict[str, Any], model: nn.Module) -> None:
-    """Refuse settings DeepSpeed's native MoE cannot run, before the engine does."""
+    """Refuse settings DeepSpeed's native MoE or this machine cannot run, before the engine does."""
+    _check_precision_supported(ds_config)
     layers = list(moe_layers(model))
     if not layers:
         return
@@ -53,6 +54,20 @@ def validate_ds_config(ds_config: dict[str, Any], model: nn.Module) -> None:
             "parameter groups); remove zero_optimization.offload_optimizer or use stage 1")
     for name, layer in layers:
         parallel.check_ep_size(layer.ep_size, layer.num_experts)
+
+
+def _check_precision_supported(ds_config: dict[str, Any]) -> None:
+    """fp16 where the accelerator has no fp16 (DeepSpeed's CPU accelerator) fails here, naming the fix."""
+    if not (ds_config.get("fp16") or {}).get("enabled", False):
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if torch.float16 not in accelerator.supported_dtypes():
+        raise DeepSpeedConfigError(
+            f"fp16.enabled is true but DeepSpeed's {accelerator.device_name()} accelerator supports only "
+            f"{[str(d).replace('torch.', '') for d in accelerator.supported_dtypes()]}: set fp16.enabled false and "
+            f"bf16.enabled true (e.g. ds_configs/zero2_bf16.json), or run the fp16 config on a GPU")
 
 
 def initialize(model: nn.Module, ds_config: Union[str, Path, dict], *, optim: Optional[OptimConfig] = None,
@@ -91,24 +106,28 @@ def global_grad_norm(model: nn.Module, ep_group: Optional[parallel.ProcessGroup]
     parameter then lives on exactly one rank of the expert-parallel group, so
     its squared norm is summed over that group once. DeepSpeed 0.19's fp32
     ZeRO-0 clip instead averages per-rank norms.
+
+    The squares stay on the gradients' device (no host sync per parameter) and
+    the expert part crosses the group in one all-reduce; returns a float64
+    scalar on that device.
     """
     from deepspeed.moe.utils import is_moe_param
 
-    dense_sq = torch.zeros((), dtype=torch.float64)
-    expert_sq = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if is_moe_param(p):
-            expert_sq += sq
-        else:
-            dense_sq += sq
-    if ep_group is not None and parallel.group_size(ep_group) > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(expert_sq, group=ep_group)
+    grads = [p for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    dense_sq = _sum_of_squares([p.grad for p in grads if not is_moe_param(p)], grads[0].grad.device)
+    expert_sq = _sum_of_squares([p.grad for p in grads if is_moe_param(p)], grads[0].grad.device)
+    if ep_group is not None:
+        expert_sq = parallel.all_reduce(expert_sq, ep_group)
     return (dense_sq + expert_sq).sqrt()
+
+
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """sum_p ||g_p||^2 in float64, computed where the gradients are."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack([g.detach().double().pow(2).sum().to(device) for g in grads]).sum()
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, ep_group: Optional[parallel.ProcessGroup]) -> float:

@@ -16,7 +16,6 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from mpomoe_ds import parallel
 from mpomoe_ds.config import to_dict
@@ -63,7 +62,8 @@ class Trainer:
         self.batches = train_batches(self.tasks, cfg.data, micro, rank=self.rank, world_size=self.world)
         check_same_plan(self.batches.sampler)
         self.omoe = self._build_omoe()
-        self.moe_step = MoEStep(self.model, participants=[self.omoe] if self.omoe is not None else [])
+        self.moe_step = MoEStep(self.model, participants=[self.omoe] if self.omoe is not None else [],
+                                per_step_reconstruction=not cfg.train.activation_checkpointing)
         self.start_step = self._maybe_resume()
         self._write_run_files()
         self.monitor = Monitor(self.rank, self.output_dir, cfg.train.max_steps, self.start_step,
@@ -196,9 +196,8 @@ class Trainer:
         counts = stats["expert_counts"]
         if counts is not None:
             counts = counts.detach().float().clone()
-            dist.all_reduce(counts)  # tokens per expert over all ranks
-        tokens = torch.tensor(float(window_tokens))
-        dist.all_reduce(tokens)
+            counts = parallel.all_reduce(counts)  # tokens per expert over all ranks
+        tokens = parallel.all_reduce(torch.tensor(float(window_tokens)))
         corpus_tokens = self._corpus_tokens_seen()
         if self.rank != 0:
             return
@@ -232,8 +231,8 @@ class Trainer:
         if not isinstance(self.batches, PackedMixtureBatches):
             return {}
         names = list(self.batches.tokens_seen)
-        seen = torch.tensor([float(self.batches.tokens_seen[n]) for n in names], dtype=torch.float64)
-        dist.all_reduce(seen)
+        seen = parallel.all_reduce(torch.tensor([float(self.batches.tokens_seen[n]) for n in names],
+                                                dtype=torch.float64))
         return dict(zip(names, seen.tolist()))
 
     def save(self, step: int) -> None:
@@ -243,12 +242,12 @@ class Trainer:
                                     client_state={"train_batches": self.batches.state_dict(), "step": step})
         checkpoint.save_rank_state(self.checkpoint_dir, tag, self.rank,
                                    {"omoe": self.omoe.state_dict() if self.omoe is not None else None})
-        dist.barrier()
+        parallel.barrier()
         if self.rank == 0:
             checkpoint.atomic_write_text(self.checkpoint_dir / "latest", tag)
             removed = checkpoint.prune(self.checkpoint_dir, self.config.train.keep_last)
             self.monitor.log(f"saved checkpoint {tag}" + (f", removed {removed}" if removed else ""))
-        dist.barrier()
+        parallel.barrier()
 
     def _final_metrics(self, step: int, final: dict, baseline: dict, losses: list[float]) -> dict[str, Any]:
         if self.rank != 0:

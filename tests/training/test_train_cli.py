@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -171,3 +172,22 @@ def test_console_script_exits_zero_on_success():
     proc = subprocess.run([str(script), "--print_config"], env=dist_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["moe"]["num_experts"] == 4
+
+
+@pytest.mark.distributed
+def test_ffn_experts_train_the_pretrained_minilm_on_two_ranks(tmp_path):
+    out = tmp_path / "ffn"
+    run = tiny_run_config(out, max_steps=3, log_every=1, diversity_tokens=16)
+    run["model"] = {"name_or_path": "minilm"}  # pretrained weights: transposed views before the fix
+    run["moe"].update(expert_type="ffn", layers=[1, 3])
+    run["omoe"] = {"enabled": True, "acc_steps": 1, "orth_steps": 1, "projection": "update"}  # plain experts only
+    run["data"]["max_seq_len"] = 16
+    ds = {**TINY_DS, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}
+    run_path, ds_path = write_configs(tmp_path, run, ds)
+    launch(deepspeed_cmd(run_path, ds_path))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["ep_size"] == 2 and metrics["step"] == 3
+    assert metrics["omoe"]["omoe/phase_changes"] >= 1
+    assert all(math.isfinite(metrics[k]) and metrics[k] > 0 for k in ("train_loss_first", "train_loss_last"))
+    assert set(metrics["eval"]) == {"toy_sentiment", "toy_topic"}
+    assert list((out / "checkpoints" / "step3").glob("layer_*_expert_*_model_states.pt"))
