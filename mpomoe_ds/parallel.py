@@ -97,3 +97,11 @@ def all_reduce_max(group: Optional[ProcessGroup], values: torch.Tensor) -> torch
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
     return values
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: Optional[ProcessGroup] = None) -> torch.Tensor:
+    """In-place SUM over ``group`` (the world when None); no-op outside torch.distributed. Returns the tensor."""
+    if is_distributed() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
