@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -192,3 +196,49 @@ def test_resume_with_changed_architecture_or_optimizer_keys_is_refused_naming_ea
                    "--resume"])
     assert "another train.output_dir" in str(err.value)
     assert not (out / "run_config.json").exists()  # nothing recorded that was not applied
+
+
+def rank_pid(marker: str, rank: int) -> Optional[int]:
+    """The pid of the training process of ``rank`` whose command line contains ``marker``."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and f"--local_rank={rank}".encode() in cmd and any(marker.encode() in c for c in cmd):
+            return int(proc.name)
+    return None
+
+
+def kill_rank_when(out: Path, ready, cmd: list[str]) -> None:
+    """Start ``cmd``, SIGKILL rank 1 as soon as ``ready(out)``; the launcher must then end, non-zero."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dist_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + FAIL_FAST
+    while not ready(out):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill point"
+        time.sleep(0.01)
+    pid = rank_pid(str(out), 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    log, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0, log[-3000:]
+    assert not (out / "metrics.json").exists()  # killed before the end
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("when", ["mid_run", "during_save"])
+def test_kill_9_of_a_rank_then_resume_gives_the_uninterrupted_losses(straight_run, tmp_path, when):
+    straight, run, ds = straight_run
+    out = tmp_path / "killed"
+    if when == "mid_run":  # after step 3 was logged (step 2 saved)
+        ready = lambda o: (o / "train_log.jsonl").is_file() and len((o / "train_log.jsonl").read_text().splitlines()) >= 3  # noqa: E731
+    else:  # the moment step 4's folder appears: DeepSpeed is writing it
+        ready = lambda o: (o / "checkpoints" / "step4").is_dir()  # noqa: E731
+    kill_rank_when(out, ready, deepspeed_cmd(run, ds, f"train.output_dir={out}"))
+    proc = run_cli(deepspeed_cmd(run, ds, f"train.output_dir={out}", "--resume"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    resumed, reference = train_losses(out), train_losses(straight)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert all(resumed[step] == reference[step] for step in resumed), (resumed, reference)
+    assert json.loads((out / "metrics.json").read_text())["train_loss_first"] == reference[1]
