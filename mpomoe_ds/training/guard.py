@@ -4,12 +4,10 @@ Owns: skipping the optimizer update of such a step on every rank alike (as
 fp16 loss scaling does), counting bad steps, stopping after N consecutive ones
 with an error that says what to do, and keeping NaN out of result files.
 
-How the update is skipped: under ZeRO 1/2 DeepSpeed's optimizer already
-skips a step whose gradient norm is not finite (``engine.was_step_applied()``
-is then False). Under ZeRO 0 the engine calls the torch optimizer directly,
-so :class:`SkipGate` wraps that optimizer's ``step``: with ``skip`` set it
-does nothing and reports ``overflow``, so the engine counts a skipped step,
-does not advance the LR schedule and clears the gradients as usual.
+How the update is skipped (:class:`SkipGate`): the engine is made to treat the
+step as an overflow, as with fp16 loss scaling, so it counts a skipped step,
+does not advance the LR schedule and clears the gradients as usual;
+``engine.was_step_applied()`` then says whether the update happened.
 """
 
 from __future__ import annotations
@@ -28,25 +26,35 @@ class NonFiniteError(RuntimeError):
 
 
 class SkipGate:
-    """Wraps a plain torch optimizer's ``step`` so one step can be skipped on request (ZeRO 0 only)."""
+    """Makes the engine skip the next optimizer update on request, on every rank alike.
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    ZeRO 0: wraps the torch optimizer's ``step``; skipped, it does nothing and
+    reports ``overflow``. ZeRO 1/2: turns on DeepSpeed's own overflow check
+    (off for fp32) for that step, which finds the non-finite gradients (a
+    non-finite loss makes them so) and skips the update.
+    """
+
+    def __init__(self, engine: Any) -> None:
         self.skip = False
-        self._step = optimizer.step
-        optimizer.overflow = False  # the engine reads it after step() to count skipped steps
-        self._optimizer = optimizer
-        optimizer.step = self._gated_step
+        self._optimizer = engine.optimizer
+        self._zero = bool(engine.zero_optimization())
+        if self._zero:
+            self._default_check = bool(getattr(self._optimizer, "check_grad_overflow", False))
+        else:
+            self._step = self._optimizer.step
+            self._optimizer.overflow = False  # the engine reads it after step() to count skipped steps
+            self._optimizer.step = self._gated_step
+
+    def set(self, skip: bool) -> None:
+        self.skip = skip
+        if self._zero:
+            self._optimizer.check_grad_overflow = skip or self._default_check
 
     def _gated_step(self, *args: Any, **kwargs: Any) -> Any:
         self._optimizer.overflow = self.skip
         if self.skip:
             return None
         return self._step(*args, **kwargs)
-
-    @classmethod
-    def install(cls, engine: Any) -> Optional["SkipGate"]:
-        """A gate around the engine's optimizer under ZeRO 0; None where DeepSpeed skips by itself."""
-        return None if engine.zero_optimization() else cls(engine.optimizer)
 
 
 @dataclass

@@ -64,7 +64,7 @@ class Trainer:
         self.ep_group = parallel.expert_parallel_group(cfg.moe.ep_size) if cfg.moe.ep_size > 1 else None
         self.model, self.report = build_model(cfg, self.tasks, self.ep_group)
         self.engine, self.own_clip = build_engine(self.model, cfg, self.ds_config)
-        self.skip_gate = SkipGate.install(self.engine)
+        self.skip_gate = SkipGate(self.engine)
         self.nonfinite = NonFiniteCounter(cfg.train.max_nonfinite_steps)
         self.batches = train_batches(self.tasks, cfg.data, micro, rank=self.rank, world_size=self.world)
         check_same_plan(self.batches.sampler)
@@ -211,8 +211,7 @@ class Trainer:
                     stats["grad_norm"] = clip_grad_norm_(engine.module, self.own_clip, self.ep_group)
                     local_finite = local_finite and bool(np.isfinite(stats["grad_norm"]))
                 agreement = agree_on_step(local_finite, loss_x_tokens, stats["tokens"] + tokens)
-                if self.skip_gate is not None:
-                    self.skip_gate.skip = not agreement.finite
+                self.skip_gate.set(not agreement.finite)
             engine.step()
             task = self.tasks[int(batch["task_id"][0])].spec.name
             task_losses.setdefault(task, []).append(out["task_loss"].item())
@@ -222,7 +221,6 @@ class Trainer:
             if "expert_counts" in out:
                 counts = out["expert_counts"] if counts is None else counts + out["expert_counts"]
         self.moe_step.end_step(step)
-        # Under ZeRO 1/2 DeepSpeed skips a non-finite gradient norm itself (the same decision on every rank).
         stats["finite"] = agreement.finite and engine.was_step_applied()
         stats["global_loss"] = agreement.loss
         stats["task_losses"] = {t: float(np.mean(v)) for t, v in task_losses.items()}

@@ -36,12 +36,13 @@ def checkpoint_params_finite(folder: Path) -> bool:
 
 
 @pytest.mark.distributed
-def test_nonfinite_steps_are_skipped_then_the_run_stops_without_saving_nan(tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_nonfinite_steps_are_skipped_then_the_run_stops_without_saving_nan(tmp_path, zero_stage):
     """NaN on rank 1 only at step 2 (skipped, run goes on), then at steps 4-5: stops at step 5 (limit 2)."""
     out = tmp_path / "nan"
     config = tiny_run_config(out, max_steps=8, save_every=1, keep_last=4, log_every=1, diversity_tokens=0,
                              max_nonfinite_steps=2, inject_nonfinite_steps=[2, 4, 5])
-    run, ds = write_configs(tmp_path, config)
+    run, ds = write_configs(tmp_path, config, {**TINY_DS, "zero_optimization": {"stage": zero_stage}})
     proc = run_cli(deepspeed_cmd(run, ds))
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, log[-4000:]
