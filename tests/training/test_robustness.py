@@ -243,3 +243,19 @@ def test_kill_9_of_a_rank_then_resume_gives_the_uninterrupted_losses(straight_ru
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     assert all(resumed[step] == reference[step] for step in resumed), (resumed, reference)
     assert json.loads((out / "metrics.json").read_text())["train_loss_first"] == reference[1]
+
+
+def test_a_crashed_save_newer_than_latest_is_pruned_and_never_chosen(tmp_path):
+    from mpomoe_ds.training.checkpoint import prune
+    from mpomoe_ds.training.integrity import candidate_tags, newest_verified, write_manifest
+
+    ckpt = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (ckpt / f"step{step}").mkdir(parents=True)
+        (ckpt / f"step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"weights %d" % step)
+    write_manifest(ckpt / "step2", {"moe": {}}, {"step": 2, "train_batches": {"step": 2}, "world_size": 2})
+    (ckpt / "latest").write_text("step2")  # step4 crashed after its files, before its manifest
+    assert candidate_tags(ckpt) == ["step2", "step4"]
+    assert newest_verified(ckpt, pytest.fail)[0] == "step2"  # no warning: latest verifies
+    assert prune(ckpt, keep_last=2) == ["step4"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step2"]
