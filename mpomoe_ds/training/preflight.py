@@ -69,7 +69,12 @@ def model_positions(config: RunConfig) -> Optional[int]:
         raise ConfigError(f"model.name_or_path={config.model.name_or_path!r}: no such folder; pass a folder with "
                           f"config.json and the weights, a hub name, or 'minilm'")
     overrides = config.model.config_overrides if config.model.random_init else {}
-    model_config = transformers.AutoConfig.from_pretrained(path, local_files_only=os.path.isdir(path), **overrides)
+    try:
+        model_config = transformers.AutoConfig.from_pretrained(path, local_files_only=os.path.isdir(path), **overrides)
+    except OSError as err:
+        raise ConfigError(f"model.name_or_path={config.model.name_or_path!r}: cannot read its config.json "
+                          f"({str(err).strip().splitlines()[0]}); pass a folder with config.json and the weights, "
+                          f"a hub name in the cache (HF_HUB_OFFLINE) or reachable, or 'minilm'") from err
     return next((int(getattr(model_config, f)) for f in POSITION_FIELDS if getattr(model_config, f, None)), None)
 
 
