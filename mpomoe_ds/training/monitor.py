@@ -105,6 +105,11 @@ class Monitor:
             else:
                 logger.info(message)
 
+    def flush(self) -> None:
+        """Put pending TensorBoard events on disk (at each checkpoint: a killed run keeps what it saved)."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

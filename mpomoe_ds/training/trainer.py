@@ -295,6 +295,7 @@ class Trainer:
                                    {"omoe": self.omoe.state_dict() if self.omoe is not None else None})
         dist.barrier()
         if self.rank == 0:
+            self.monitor.flush()
             integrity.write_manifest(self.checkpoint_dir / tag, to_dict(self.config), client_state)
             checkpoint.atomic_write_text(self.checkpoint_dir / "latest", tag)
             removed = checkpoint.prune(self.checkpoint_dir, self.config.train.keep_last)
