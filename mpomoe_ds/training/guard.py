@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -41,20 +41,23 @@ class SkipGate:
         if self._zero:
             self._default_check = bool(getattr(self._optimizer, "check_grad_overflow", False))
         else:
-            self._step = self._optimizer.step
             self._optimizer.overflow = False  # the engine reads it after step() to count skipped steps
-            self._optimizer.step = self._gated_step
+            self._optimizer.step = self._gated(self._optimizer.step)
 
     def set(self, skip: bool) -> None:
         self.skip = skip
         if self._zero:
             self._optimizer.check_grad_overflow = skip or self._default_check
 
-    def _gated_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._optimizer.overflow = self.skip
-        if self.skip:
-            return None
-        return self._step(*args, **kwargs)
+    def _gated(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        def gated_step(*args: Any, **kwargs: Any) -> Any:
+            self._optimizer.overflow = self.skip
+            return None if self.skip else step(*args, **kwargs)
+
+        # torch's LR scheduler marks the step it wrapped; keep the mark, or it warns on every step.
+        if hasattr(step, "_wrapped_by_lr_sched"):
+            gated_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        return gated_step
 
 
 @dataclass
