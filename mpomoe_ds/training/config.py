@@ -48,6 +48,10 @@ class TrainConfig:
     final metrics are compared with). save_every: checkpoint every N steps
     (0 = only at the end); keep_last: checkpoints kept. output_dir: where
     checkpoints, TensorBoard events, metrics.json and the resolved configs go.
+    max_nonfinite_steps: stop with an error after this many consecutive
+    steps whose loss or gradient norm is not finite (their updates are
+    skipped). inject_nonfinite_steps: fault injection for testing the guard:
+    at these steps (numbered from 1, as logged) the last rank's loss is made NaN (leave empty).
     seed: model/dropout seed. diversity_tokens: tokens per layer used for the
     expert-similarity metrics at eval (0 = off). max_eval_batches: cap per task
     (None = the whole validation split). progress_bar / tensorboard: rank-0 output.
@@ -74,9 +78,11 @@ class TrainConfig:
     tensorboard: bool = True
     activation_checkpointing: bool = False
     peak_tflops: Optional[float] = None
+    max_nonfinite_steps: int = 3
+    inject_nonfinite_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "log_every"):
+        for name in ("max_steps", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 fail("train", name, getattr(self, name), "use a value >= 1")
         for name in ("eval_every", "save_every", "diversity_tokens"):

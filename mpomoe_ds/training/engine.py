@@ -33,12 +33,8 @@ def load_ds_config(config: Union[str, Path, dict]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def validate_ds_config(ds_config: dict[str, Any], model: nn.Module) -> None:
-    """Refuse settings DeepSpeed's native MoE or this machine cannot run, before the engine does."""
-    _check_precision_supported(ds_config)
-    layers = list(moe_layers(model))
-    if not layers:
-        return
+def check_zero_for_moe(ds_config: dict[str, Any]) -> None:
+    """ZeRO settings DeepSpeed's native MoE cannot run (needs no model: called before anything is built)."""
     zero = ds_config.get("zero_optimization", {}) or {}
     stage = int(zero.get("stage", 0))
     if stage == 3:
@@ -52,6 +48,15 @@ def validate_ds_config(ds_config: dict[str, Any], model: nn.Module) -> None:
         raise DeepSpeedConfigError(
             "ZeRO-2 optimizer offload with MoE layers crashes in DeepSpeed 0.19 (DeepSpeedCPUAdam with expert "
             "parameter groups); remove zero_optimization.offload_optimizer or use stage 1")
+
+
+def validate_ds_config(ds_config: dict[str, Any], model: nn.Module) -> None:
+    """Refuse settings DeepSpeed's native MoE or this machine cannot run, before the engine does."""
+    _check_precision_supported(ds_config)
+    layers = list(moe_layers(model))
+    if not layers:
+        return
+    check_zero_for_moe(ds_config)
     for name, layer in layers:
         parallel.check_ep_size(layer.ep_size, layer.num_experts)
 

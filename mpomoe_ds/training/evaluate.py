@@ -1,8 +1,9 @@
 """Evaluation during training: per-task metrics over all ranks, and expert-similarity metrics.
 
 Every validation example is evaluated exactly once across ranks
-(:mod:`mpomoe_ds.data.eval`); metrics are computed from the gathered
-predictions, identically on every rank.
+(:mod:`mpomoe_ds.data.eval`); metrics and the eval loss are computed from the
+gathered predictions of real rows (padding rows dropped), identically on
+every rank and independent of the world size.
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ def evaluate(engine: Any, tasks: Sequence[TaskData], config: RunConfig, rank: in
     for task in tasks:
         if task.validation is None:
             continue
-        preds, labels, indices, masks, losses = [], [], [], [], []
+        preds, labels, indices, masks = [], [], [], []
         for b, batch in enumerate(eval_batches(task, micro, rank=rank, world_size=world)):
             if config.train.max_eval_batches is not None and b >= config.train.max_eval_batches:
                 break
             mask, index = batch.pop("eval_mask"), batch.pop("example_index")
             out = model(**{k: v.to(engine.device) for k, v in batch.items()})
-            losses.append(out["task_loss"].item())
             masks.append(mask)
             indices.append(index)
             labels.append(batch["labels"])
@@ -46,7 +46,7 @@ def evaluate(engine: Any, tasks: Sequence[TaskData], config: RunConfig, rank: in
         covered = min(len(task.validation), len(masks) * micro * world)
         predictions, gold = gather_eval(torch.cat(indices), torch.cat(preds), torch.cat(labels), torch.cat(masks),
                                         num_examples=covered)
-        results[task.spec.name] = _task_metrics(task, predictions, gold, float(np.mean(losses)))
+        results[task.spec.name] = _task_metrics(task, predictions, gold)
     model.train()
     return results
 
@@ -61,14 +61,28 @@ def _eval_predictions(kind: str, out: dict, batch: dict) -> torch.Tensor:
     return logits
 
 
-def _task_metrics(task: TaskData, predictions: np.ndarray, labels: np.ndarray, loss: float) -> dict[str, float]:
-    """Metrics over the gathered eval set; ``loss`` is this rank's mean batch loss."""
+def _task_metrics(task: TaskData, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Metrics and loss over the gathered eval set (real rows of every rank, the same on every rank)."""
     if task.spec.kind == "lm":
         metrics = lm_metrics(float(predictions[:, 0].sum()), int(predictions[:, 1].sum()))
     else:
         metrics = compute_metrics(task.spec, predictions, labels)
-    metrics["loss"] = loss
+    metrics["loss"] = eval_loss(task.spec.kind, predictions, labels)
     return metrics
+
+
+def eval_loss(kind: str, predictions: np.ndarray, labels: np.ndarray) -> float:
+    """The task loss over real rows only, as the model defines it, so it does not depend on the world size.
+
+    lm: summed token NLL / tokens (``predictions`` holds both per row); regression:
+    mean squared error; classification: mean cross-entropy of the logits.
+    """
+    if kind == "lm":
+        return float(predictions[:, 0].sum() / max(predictions[:, 1].sum(), 1.0))
+    preds, gold = torch.as_tensor(predictions).float(), torch.as_tensor(labels)
+    if kind == "regression":
+        return float(torch.nn.functional.mse_loss(preds.reshape(-1), gold.float().reshape(-1)))
+    return float(torch.nn.functional.cross_entropy(preds, gold.long()))
 
 
 def diversity_metrics(model: torch.nn.Module, tasks: Sequence[TaskData], config: RunConfig,

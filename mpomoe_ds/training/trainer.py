@@ -25,11 +25,13 @@ from mpomoe_ds.data.tokenize import prepare_tasks
 from mpomoe_ds.moe.grad_mask import mix_seed
 from mpomoe_ds.moe.step import MoEStep
 from mpomoe_ds.omoe.optimizer import OrthogonalExpertOptimizer, check_update_mode_supported
-from mpomoe_ds.training import checkpoint
+from mpomoe_ds.training import checkpoint, integrity, preflight
 from mpomoe_ds.training.build import build_engine, build_model, run_tokenizer
 from mpomoe_ds.training.engine import clip_grad_norm_
 from mpomoe_ds.training.evaluate import diversity_metrics, evaluate
 from mpomoe_ds.training.flops import mfu, training_flops_per_token
+from mpomoe_ds.training.guard import NonFiniteCounter, NonFiniteError, SkipGate, agree_on_step, model_is_finite
+from mpomoe_ds.training.integrity import CheckpointError
 from mpomoe_ds.training.launch import init_distributed
 from mpomoe_ds.training.monitor import Monitor, logger, setup_logging
 from mpomoe_ds.training.run_config import RunConfig
@@ -44,6 +46,7 @@ class Trainer:
         self.resume = resume
         self.output_dir = Path(config.train.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.train_loss_first: Optional[float] = None
 
     # ------------------------------------------------------------------ start-up
 
@@ -53,12 +56,17 @@ class Trainer:
         self.config = dataclasses.replace(self.config, moe=self.config.moe.with_ep_size(self.world))
         parallel.check_ep_size(self.config.moe.ep_size, self.config.moe.num_experts)
         cfg = self.config
+        # Everything checkable from configs and files, before any data or model work.
+        preflight.check_before_build(cfg, self.ds_config)
+        self.resume_from = self._choose_checkpoint() if self.resume else None
         micro = int(self.ds_config.get("train_micro_batch_size_per_gpu", 16))
         # Data first: bad input fails here, before any model is built.
         self.tasks = prepare_tasks(cfg.data, run_tokenizer(cfg))
         self.ep_group = parallel.expert_parallel_group(cfg.moe.ep_size) if cfg.moe.ep_size > 1 else None
         self.model, self.report = build_model(cfg, self.tasks, self.ep_group)
         self.engine, self.own_clip = build_engine(self.model, cfg, self.ds_config)
+        self.skip_gate = SkipGate(self.engine)
+        self.nonfinite = NonFiniteCounter(cfg.train.max_nonfinite_steps)
         self.batches = train_batches(self.tasks, cfg.data, micro, rank=self.rank, world_size=self.world)
         check_same_plan(self.batches.sampler)
         self.omoe = self._build_omoe()
@@ -94,15 +102,34 @@ class Trainer:
                     f"{cost.comm_bytes_per_cycle / 2**20:.1f} MiB per {self.config.omoe.cycle_steps}-step cycle")
         return omoe
 
-    def _maybe_resume(self) -> int:
-        if not self.resume:
-            return 0
-        tag = checkpoint.latest_tag(self.checkpoint_dir)
-        if tag is None:
+    def _choose_checkpoint(self) -> Optional[tuple[str, dict[str, Any]]]:
+        """The newest checkpoint that verifies (fallbacks logged), checked against this run; None: start fresh."""
+        found = integrity.newest_verified(self.checkpoint_dir, logger.warning)
+        if found is None:
             logger.info(f"--resume: no checkpoint in {self.checkpoint_dir}, starting from step 0")
+            return None
+        tag, manifest = found
+        preflight.check_resume_config(manifest["run_config"], to_dict(self.config), str(self.checkpoint_dir / tag))
+        saved_world = manifest.get("world_size")
+        if saved_world is not None and saved_world != self.world:
+            raise CheckpointError(f"--resume from {self.checkpoint_dir / tag}: written by {saved_world} ranks, "
+                                  f"launched with {self.world}; launch {saved_world} ranks (resuming at another "
+                                  f"world size is not supported yet)")
+        # Every rank verified the same files; make sure they chose the same checkpoint.
+        steps = parallel.all_reduce(torch.tensor([float(manifest["step"]), 1.0], dtype=torch.float64))
+        if float(steps[0]) != manifest["step"] * float(steps[1]):
+            raise CheckpointError(f"--resume: ranks chose different checkpoints in {self.checkpoint_dir} "
+                                  f"(different files on different nodes?); every rank must see the same folder")
+        return tag, manifest
+
+    def _maybe_resume(self) -> int:
+        if self.resume_from is None:
             return 0
+        tag = self.resume_from[0]
         _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
         self.batches.load_state_dict(client_state["train_batches"])
+        self.train_loss_first = client_state.get("train_loss_first")
+        self.nonfinite.total = int(client_state.get("nonfinite_total", 0))
         rank_state = checkpoint.load_rank_state(self.checkpoint_dir, tag, self.rank)
         if self.omoe is not None and rank_state is not None:
             self.omoe.load_state_dict(rank_state["omoe"])
@@ -129,8 +156,11 @@ class Trainer:
             stats = self.train_step(step, batch_iter)
             step += 1
             window_tokens += stats["tokens"]
-            losses.append(stats["loss"])
-            self.monitor.advance(1, {"loss": stats["loss"]})
+            losses.append(stats["global_loss"])
+            if self.train_loss_first is None:
+                self.train_loss_first = stats["global_loss"]
+            self._check_finite(step, stats, losses, baseline)
+            self.monitor.advance(1, {"loss": stats["global_loss"]})
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 self.log_step(step, stats, window_tokens, time.perf_counter() - window_start)
                 window_tokens, window_start = 0, time.perf_counter()
@@ -145,13 +175,33 @@ class Trainer:
         self.monitor.close()
         return metrics
 
+    def _check_finite(self, step: int, stats: dict[str, Any], losses: list[float], baseline: dict) -> None:
+        """Count a skipped step; after too many in a row write metrics.json (valid JSON) and stop."""
+        if not stats["finite"]:
+            self.monitor.log(f"step {step}: loss or gradient norm not finite on some rank: update skipped "
+                             f"({self.nonfinite.consecutive + 1} in a row, stop at "
+                             f"{self.nonfinite.max_consecutive})")
+        try:
+            latest = checkpoint.latest_tag(self.checkpoint_dir)
+            self.nonfinite.record(step, stats["finite"], str(self.checkpoint_dir / latest) if latest else None)
+        except NonFiniteError as err:
+            self._final_metrics(step, {}, baseline, losses, stopped=str(err))
+            self.monitor.close()
+            raise
+
     def train_step(self, step: int, batch_iter: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        """One optimizer step (gradient accumulation included)."""
+        """One optimizer step (gradient accumulation included).
+
+        ``loss`` is this rank's mean over its micro-batches, ``global_loss`` the
+        token-weighted mean over all ranks; ``finite`` is False on every rank
+        when any rank saw a non-finite loss or gradient norm (the update was then skipped).
+        """
         engine = self.engine
         accumulation = engine.gradient_accumulation_steps()
         stats: dict[str, Any] = {"loss": 0.0, "aux_loss": 0.0, "tokens": 0}
         counts = None
         task_losses: dict[str, list[float]] = {}
+        loss_x_tokens, local_finite, agreement = 0.0, True, None
         self.moe_step.begin_step(step)
         for micro in range(accumulation):
             # Dropout as a function of (seed, step, micro-batch, rank): a resumed run draws the same masks.
@@ -159,18 +209,30 @@ class Trainer:
             self.moe_step.begin_micro_batch(micro, is_last=micro == accumulation - 1)
             batch = next(batch_iter)
             out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
-            engine.backward(out["loss"])
-            if self.own_clip is not None and engine.is_gradient_accumulation_boundary():
-                stats["grad_norm"] = clip_grad_norm_(engine.module, self.own_clip, self.ep_group)
+            loss = out["loss"]
+            if step + 1 in self.config.train.inject_nonfinite_steps and self.rank == self.world - 1:
+                loss = loss * float("nan")  # fault injection (train.inject_nonfinite_steps)
+            engine.backward(loss)
+            tokens = int(batch["attention_mask"].sum())
+            loss_x_tokens += loss.item() * tokens
+            local_finite = local_finite and bool(torch.isfinite(loss.detach()))
+            if engine.is_gradient_accumulation_boundary():
+                if self.own_clip is not None:
+                    stats["grad_norm"] = clip_grad_norm_(engine.module, self.own_clip, self.ep_group)
+                    local_finite = local_finite and bool(np.isfinite(stats["grad_norm"]))
+                agreement = agree_on_step(local_finite, loss_x_tokens, stats["tokens"] + tokens)
+                self.skip_gate.set(not agreement.finite)
             engine.step()
             task = self.tasks[int(batch["task_id"][0])].spec.name
             task_losses.setdefault(task, []).append(out["task_loss"].item())
-            stats["loss"] += out["loss"].item() / accumulation
+            stats["loss"] += loss.item() / accumulation
             stats["aux_loss"] += out["aux_loss"].item() / accumulation
-            stats["tokens"] += int(batch["attention_mask"].sum())
+            stats["tokens"] += tokens
             if "expert_counts" in out:
                 counts = out["expert_counts"] if counts is None else counts + out["expert_counts"]
         self.moe_step.end_step(step)
+        stats["finite"] = agreement.finite and engine.was_step_applied()
+        stats["global_loss"] = agreement.loss
         stats["task_losses"] = {t: float(np.mean(v)) for t, v in task_losses.items()}
         stats["expert_counts"] = counts
         return stats
@@ -202,8 +264,9 @@ class Trainer:
         if self.rank != 0:
             return
         lr = self.engine.get_lr()[0]
-        scalars = {"train/loss": stats["loss"], "train/aux_loss": stats["aux_loss"], "train/lr": lr,
+        scalars = {"train/loss": stats["global_loss"], "train/aux_loss": stats["aux_loss"], "train/lr": lr,
                    "train/tokens_per_s": float(tokens) / max(window_seconds, 1e-9)}
+        scalars["train/nonfinite_steps"] = self.nonfinite.total
         scalars.update({f"train/task_loss/{t}": v for t, v in stats["task_losses"].items()})
         scalars["train/model_tflops_per_s"] = scalars["train/tokens_per_s"] * self.flops_per_token / 1e12
         if self.config.train.peak_tflops:
@@ -218,10 +281,11 @@ class Trainer:
         if self.omoe is not None:
             scalars.update(self.omoe.stats())
         self.monitor.scalars(scalars, step)
+        self.monitor.record(scalars, step)
         if counts is not None:
             self.monitor.expert_load(counts, step)
         per_layer = stats["aux_loss"] / max(len(self.moe_step.layers), 1)
-        self.monitor.log(f"step {step}/{self.config.train.max_steps} loss {stats['loss']:.4f} "
+        self.monitor.log(f"step {step}/{self.config.train.max_steps} loss {stats['global_loss']:.4f} "
                          f"balance loss/layer {per_layer:.3f} (1 = balanced) lr {lr:.3g} "
                          f"tokens/s {scalars['train/tokens_per_s']:.0f}"
                          + (f" MFU {100 * scalars['train/mfu']:.2f}%" if "train/mfu" in scalars else ""))
@@ -236,25 +300,42 @@ class Trainer:
         return dict(zip(names, seen.tolist()))
 
     def save(self, step: int) -> None:
-        """DeepSpeed checkpoint + per-rank state; 'latest' moves only once every rank is done."""
+        """DeepSpeed checkpoint + per-rank state + manifest; 'latest' moves only once the manifest is on disk.
+
+        A model with a non-finite parameter on any rank is never saved.
+        """
+        if not agree_on_step(model_is_finite(self.engine.module), 0.0, 0).finite:
+            self.monitor.log(f"step {step}: the model has non-finite parameters; checkpoint NOT saved, "
+                             f"{checkpoint.latest_tag(self.checkpoint_dir)} stays the latest")
+            return
         tag = checkpoint.tag_for(step)
-        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False,
-                                    client_state={"train_batches": self.batches.state_dict(), "step": step})
+        if self.rank == 0:  # a folder being rewritten (after a fallback) is incomplete until its new manifest
+            (self.checkpoint_dir / tag / integrity.MANIFEST).unlink(missing_ok=True)
+        parallel.barrier()
+        client_state = {"train_batches": self.batches.state_dict(), "step": step,
+                        "train_loss_first": self.train_loss_first, "nonfinite_total": self.nonfinite.total,
+                        "world_size": self.world}
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False, client_state=client_state)
         checkpoint.save_rank_state(self.checkpoint_dir, tag, self.rank,
                                    {"omoe": self.omoe.state_dict() if self.omoe is not None else None})
         parallel.barrier()
         if self.rank == 0:
+            self.monitor.flush()
+            integrity.write_manifest(self.checkpoint_dir / tag, to_dict(self.config), client_state)
             checkpoint.atomic_write_text(self.checkpoint_dir / "latest", tag)
             removed = checkpoint.prune(self.checkpoint_dir, self.config.train.keep_last)
             self.monitor.log(f"saved checkpoint {tag}" + (f", removed {removed}" if removed else ""))
         parallel.barrier()
 
-    def _final_metrics(self, step: int, final: dict, baseline: dict, losses: list[float]) -> dict[str, Any]:
+    def _final_metrics(self, step: int, final: dict, baseline: dict, losses: list[float],
+                       stopped: Optional[str] = None) -> dict[str, Any]:
         if self.rank != 0:
             return {}
+        finite = [v for v in losses if np.isfinite(v)]
         metrics = {"step": step, "world_size": self.world, "ep_size": self.config.moe.ep_size,
-                   "train_loss_first": losses[0] if losses else None,
-                   "train_loss_last": float(np.mean(losses[-10:])) if losses else None,
+                   "train_loss_first": self.train_loss_first,
+                   "train_loss_last": float(np.mean(finite[-10:])) if finite else None,
+                   "nonfinite_steps": self.nonfinite.total, "stopped": stopped,
                    "eval": {k: v for k, v in final.items() if k != "diversity"},
                    "diversity": final.get("diversity", {}),
                    "untrained_eval": {k: v for k, v in baseline.items() if k != "diversity"},
@@ -262,7 +343,8 @@ class Trainer:
                    "omoe": self.omoe.stats() if self.omoe is not None else None,
                    "parameters": self.report.as_dict()["params_after"]}
         checkpoint.atomic_write_json(self.output_dir / "metrics.json", metrics)
-        self.monitor.log(format_results(metrics))
+        if stopped is None:
+            self.monitor.log(format_results(metrics))
         return metrics
 
 
