@@ -120,7 +120,7 @@ def merge_expert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict
     """``state`` with each MPO layer's cores replaced by per-expert dense matrices.
 
     Drops ``<layer>.central.*`` and every expert's ``*_aux.*`` cores, adds
-    ``<layer>.deepspeed_moe.experts.deepspeed_experts.<e>.{up,down}_weight``
+    ``<layer>.deepspeed_moe.experts.deepspeed_experts.<e>.{gate,up,down}_weight``
     (the names of :class:`mpomoe_ds.moe.experts.FFNExpert`). Layers that already
     have plain experts are left as they are.
     """
@@ -198,7 +198,7 @@ def load_converted(out_dir: PathLike) -> nn.Module:
 
 
 def _is_core_key(key: str) -> bool:
-    return bool(re.search(r"\.central\.(up|down)$|\.(up|down)_aux\.\d+$", key))
+    return bool(re.search(r"\.central\.(gate|up|down)$|\.(gate|up|down)_aux\.\d+$", key))
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
