@@ -1,0 +1,137 @@
+"""Every model family through the adapter registry: converted logits equal the original's.
+
+Tiny random models come from transformers' config classes (``tests/dist/family_zoo.py``);
+BERT is the real packaged MiniLM. Lossless conversion must match to 1e-4 (fp32)
+with MPO and plain experts, in one process and on 2 expert-parallel ranks;
+truncated bonds must stay within each matrix's reported Frobenius bound.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from dist import family_zoo
+
+from mpomoe_ds.models import families
+from mpomoe_ds.models.convert import MoEMLP, convert_model
+from mpomoe_ds.moe.config import MoEConfig
+from mpomoe_ds.moe.layer import moe_layers
+from mpomoe_ds.mpo.config import MPOConfig
+
+from conftest import ROOT, run_two_ranks
+
+WORKER = ROOT / "tests" / "dist" / "families_worker.py"
+TOL = 1e-4  # fp32, max |converted - original| over the logits
+
+
+def copy_moe(**overrides) -> MoEConfig:
+    return MoEConfig(**{"num_experts": 4, "ep_size": 1, "k": 1, "expert_init": "copy", "layers": "all", **overrides})
+
+
+@pytest.mark.parametrize("expert_type", ["mpo", "ffn"])
+@pytest.mark.parametrize("case", sorted(family_zoo.CASES))
+def test_lossless_conversion_keeps_the_logits(case, expert_type, one_thread):
+    model = family_zoo.build(case)
+    batch = family_zoo.inputs(case)
+    reference = family_zoo.outputs(model, batch)
+    report = convert_model(model, copy_moe(expert_type=expert_type))
+    assert report.family == family_zoo.FAMILY_OF[case]
+    assert report.moe.gated == families.family(report.family).gated
+    assert len(report.blocks) == report.num_blocks > 0
+    assert (family_zoo.outputs(model, batch) - reference).abs().max() < TOL
+
+
+@pytest.mark.parametrize("case", ["llama-causal-lm", "qwen3", "t5-gated-gelu", "t5-relu", "gpt2"])
+def test_truncated_bonds_stay_within_the_reported_bound(case, one_thread):
+    model = family_zoo.build(case)
+    originals = {name: {m: families.family(family_zoo.FAMILY_OF[case]).match(model.get_submodule(name))[m]
+                        for m in families.family(family_zoo.FAMILY_OF[case]).projections}
+                 for name, _, _ in families.find_ffn_linears(model)}
+    originals = {name: {m: _in_out(p) for m, p in projs.items()} for name, projs in originals.items()}
+    batch = family_zoo.inputs(case)
+    reference = family_zoo.outputs(model, batch)
+    report = convert_model(model, copy_moe(), MPOConfig(max_bond=3))
+    assert report.max_rel_error_bound > 1e-3  # the bonds really were cut
+    checked = 0
+    for block, (_, layer) in zip(report.blocks, moe_layers(model)):
+        weights = layer.expert_weights()
+        assert set(weights) == set(layer.config.matrices)
+        for m, w_LIO in weights.items():
+            error = float((w_LIO[0].detach().double() - originals[block.block_name][m].double()).norm())
+            assert error <= block.error_bound[m] * (1 + 1e-4) + 1e-6, (block.block_name, m, error)
+            checked += 1
+    assert checked == len(report.blocks) * len(report.moe.matrices)
+    assert (family_zoo.outputs(model, batch) - reference).abs().max() > TOL  # truncation is visible
+
+
+def _in_out(module: torch.nn.Module) -> torch.Tensor:
+    from mpomoe_ds.models.hf import linear_weight_in_out
+
+    return linear_weight_in_out(module).clone()
+
+
+def test_gated_experts_hold_three_matrices_and_share_one_central_tensor_each(one_thread):
+    model = family_zoo.build("llama-causal-lm")
+    convert_model(model, copy_moe())
+    wrapper = model.model.layers[0].mlp
+    assert type(wrapper) is MoEMLP and wrapper.family == "llama"
+    layer = wrapper.moe
+    assert set(layer.central) == {"gate", "up", "down"}
+    expert = layer.experts.deepspeed_experts[0]
+    names = {n.split(".")[0] for n, _ in expert.named_parameters()}
+    assert names == {f"{m}_{kind}" for m in ("gate", "up", "down") for kind in ("aux", "bias")}
+    assert all(len(expert.aux_cores(m)) == 4 for m in ("gate", "up", "down"))  # 5 cores, the central one shared
+    assert float(expert.gate_bias.detach().abs().sum()) == 0.0  # Llama has no biases: zero ones change nothing
+    # the gate uses its own cores: a gate-only change moves the output
+    x = torch.randn(5, 32)
+    before = layer(x)[0]
+    with torch.no_grad():
+        for e in layer.experts.deepspeed_experts:
+            e.gate_aux[0].mul_(2.0)
+    assert (layer(x)[0] - before).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("expert_type", ["mpo", "ffn"])
+def test_two_expert_parallel_ranks_keep_every_familys_logits(tmp_path, expert_type):
+    cases = ["llama-causal-lm", "mistral", "qwen2", "qwen3", "t5-relu", "t5-gated-gelu", "t5-encoder", "gpt2"]
+    if expert_type == "mpo":
+        cases.append("minilm")
+    ranks = run_two_ranks(WORKER, ["--cases", ",".join(cases), "--expert-type", expert_type], tmp_path / "r")
+    for result in ranks:
+        assert set(result["max_abs_diff"]) == set(cases)
+        for case, diff in result["max_abs_diff"].items():
+            assert diff < TOL, (result["rank"], case, diff)
+    # each rank holds half of the experts
+    single = {}
+    for case in ("llama-causal-lm", "t5-gated-gelu"):
+        model = family_zoo.build(case)
+        single[case] = convert_model(model, copy_moe(expert_type=expert_type, k=2)).params_after.expert_local
+        assert ranks[0]["local_experts"][case] * 2 == single[case]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_an_ffn_that_is_already_moe_is_refused():
+    config = transformers.MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    with pytest.raises(ValueError, match=r"MixtralForCausalLM: its FFNs are already MoE.*Upcycle the dense model"):
+        convert_model(transformers.MixtralForCausalLM(config), copy_moe())
+
+
+def test_an_unknown_activation_is_named():
+    config = transformers.LlamaConfig(**{**family_zoo.LLAMA_LIKE, "hidden_act": "gelu_fast"})
+    with pytest.raises(ValueError, match=r"config.hidden_act='gelu_fast' has no expert equivalent.*silu"):
+        convert_model(transformers.LlamaForCausalLM(config), copy_moe())
+
+
+def test_tied_ffns_are_refused():
+    model = family_zoo.build("llama-causal-lm")
+    model.model.layers[1].mlp = model.model.layers[0].mlp
+    with pytest.raises(ValueError, match=r"gate projection of model.layers.0 is shared by .*tied or shared FFNs"):
+        convert_model(model, copy_moe())
+
+
+def test_every_registered_family_is_covered_here():
+    assert set(family_zoo.FAMILY_OF.values()) | {"distilbert"} == {a.name for a in families.FAMILIES}
