@@ -89,7 +89,9 @@ def load_model(name_or_path: str, task: Optional[str] = None, *, weights: bool =
     Args:
         name_or_path: a folder with ``config.json`` (and weights), a hub name
             (needs network or the HF cache; with ``HF_HUB_OFFLINE=1`` only the
-            cache), or ``"minilm"`` for the packaged all-MiniLM-L6-v2.
+            cache), or ``"minilm"`` for the packaged all-MiniLM-L6-v2. With
+            ``weights=False`` also a transformers model type (``"llama"``,
+            ``"t5"``, ...): its config class's defaults plus the overrides.
         task: which head: ``None``/``"base"`` (bare encoder/decoder),
             ``"causal-lm"``, ``"masked-lm"``, ``"sequence-classification"``,
             or ``"architecture"`` (the config's ``architectures[0]`` class).
@@ -121,7 +123,7 @@ def load_model(name_or_path: str, task: Optional[str] = None, *, weights: bool =
             if task == "architecture":
                 auto_cls = _architecture_class(transformers.AutoConfig.from_pretrained(path, **kwargs)) or auto_cls
             return auto_cls.from_pretrained(path, **kwargs, **({"dtype": dtype} if dtype is not None else {}))
-        config = transformers.AutoConfig.from_pretrained(path, **kwargs, **(config_overrides or {}))
+        config = _random_init_config(transformers, path, local, kwargs, config_overrides or {})
     except OSError as err:
         where = "the folder" if local else "the Hugging Face hub or cache"
         reason = str(err).strip().rstrip(".")
@@ -133,6 +135,20 @@ def load_model(name_or_path: str, task: Optional[str] = None, *, weights: bool =
     else:
         model = getattr(transformers, TASKS[task] if task != "architecture" else "AutoModel").from_config(config)
     return model.to(dtype) if dtype is not None else model
+
+
+def _random_init_config(transformers: Any, path: str, local: bool, kwargs: dict[str, Any],
+                        overrides: dict[str, Any]) -> Any:
+    """The config of a random-weights model: a folder's config.json, or a bare transformers model type.
+
+    A name that is no folder but a transformers model type ("llama", "t5",
+    "qwen3", ...) builds that family's config class with its defaults and the
+    overrides, offline: ``model: {name_or_path: llama, random_init: true,
+    config_overrides: {hidden_size: 64, ...}}``.
+    """
+    if not local and path in transformers.CONFIG_MAPPING:
+        return transformers.AutoConfig.for_model(path, **overrides)
+    return transformers.AutoConfig.from_pretrained(path, **kwargs, **overrides)
 
 
 def load_tokenizer(name_or_path: str):
