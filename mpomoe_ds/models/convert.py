@@ -158,7 +158,7 @@ def convert_model(model: nn.Module, moe: MoEConfig, mpo: Optional[MPOConfig] = N
             adapter.check(config)
         except ValueError as err:
             raise ValueError(f"{type(model).__name__}: {err}") from err
-    moe, notes = _with_model_ffn(model, adapter, moe.with_ep_size(parallel.world_size()))
+    moe, notes = _with_model_ffn(model, adapter, ffns, moe.with_ep_size(parallel.world_size()))
     indices = moe.moe_layer_indices(len(ffns))
 
     params_before = parameter_report(model)
@@ -179,8 +179,9 @@ def _model_config(model: nn.Module) -> Any:
     return config
 
 
-def _with_model_ffn(model: nn.Module, adapter: FamilyAdapter, moe: MoEConfig) -> tuple[MoEConfig, list[str]]:
-    """The MoE config with the model's own FFN activation and gating: experts must compute what the FFN did."""
+def _with_model_ffn(model: nn.Module, adapter: FamilyAdapter, ffns: list[FFNBlock],
+                    moe: MoEConfig) -> tuple[MoEConfig, list[str]]:
+    """The MoE config with the model's own FFN activation, gating and biases: experts compute what the FFN did."""
     try:
         activation = adapter.activation_of(_model_config(model))
     except ValueError as err:
@@ -193,7 +194,12 @@ def _with_model_ffn(model: nn.Module, adapter: FamilyAdapter, moe: MoEConfig) ->
     if adapter.gated != moe.gated:
         notes.append(f"moe.gated set to {adapter.gated} ({adapter.name} FFNs are "
                      f"{'gated' if adapter.gated else 'not gated'})")
-    return dataclasses.replace(moe, activation=activation, gated=adapter.gated), notes
+    expert_bias = any(getattr(p, "bias", None) is not None for p in ffns[0].projections.values())
+    if not expert_bias and moe.expert_bias:
+        notes.append(f"moe.expert_bias set to false: {adapter.name} FFNs have no biases, so the experts' zero "
+                     f"biases stay frozen")
+    return dataclasses.replace(moe, activation=activation, gated=adapter.gated,
+                               expert_bias=moe.expert_bias and expert_bias), notes
 
 
 def _dense_ffn(projections: dict[str, nn.Module]) -> DenseFFN:

@@ -83,6 +83,10 @@ class MoEConfig:
     gated: gated experts (gate, up, down): h = act(x W_gate) * (x W_up), as
         Llama / Mistral / Qwen / T5 1.1 compute it; conversion sets it from
         the model family (like activation).
+    expert_bias: experts train their biases. False = every expert bias stays
+        at its initial zero (frozen): conversion sets it for families whose FFN
+        has no biases (Llama, Mistral, Qwen, T5), so experts compute the same
+        function class and merge into bias-free MoE classes (Mixtral, Qwen-MoE).
     layers: which FFN blocks become MoE: "all", "every_other" (1, 3, 5, ...),
         or a list of layer indices.
     expert_init: "copy" (every expert the pretrained FFN) or "perturb"
@@ -114,6 +118,7 @@ class MoEConfig:
     expert_type: str = "mpo"
     activation: str = "gelu"
     gated: bool = False
+    expert_bias: bool = True
     layers: Union[str, list[int]] = "every_other"
     expert_init: str = "perturb"
     init_noise: float = 0.01

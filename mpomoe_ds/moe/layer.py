@@ -222,6 +222,8 @@ class MPOEMoE(MoE):
         self.deepspeed_moe = MoEBlock(gate, experts, TokenDispatcher(moe, ep_group))
         if moe.expert_init == "perturb":
             self._perturb_experts()
+        if not moe.expert_bias:
+            self._freeze_expert_biases()
         self.central_mask, self.aux_mask = self._attach_gradient_masks()
         self._step_hooks: Optional[ExpertHooks] = None  # set by the MoE step protocol for one step
 
@@ -276,6 +278,15 @@ class MPOEMoE(MoE):
                         continue
                     noise = torch.randn(p.shape, generator=gen).to(p)
                     p.add_(noise * self.config.init_noise * p.std())
+
+    def _freeze_expert_biases(self) -> None:
+        """``moe.expert_bias: false``: biases must be zero (the FFN had none) and stay so."""
+        for name, p in self.deepspeed_moe.experts.named_parameters():
+            if name.endswith("bias"):
+                if bool(p.detach().any()):
+                    raise ValueError(f"moe.expert_bias=false but expert bias {name} is nonzero; the FFN has biases, "
+                                     f"so set moe.expert_bias: true")
+                p.requires_grad_(False)
 
     def _attach_gradient_masks(self) -> tuple[Optional[GradientMask], Optional[GradientMask]]:
         cfg = self.config

@@ -82,7 +82,9 @@ def test_gated_experts_hold_three_matrices_and_share_one_central_tensor_each(one
     names = {n.split(".")[0] for n, _ in expert.named_parameters()}
     assert names == {f"{m}_{kind}" for m in ("gate", "up", "down") for kind in ("aux", "bias")}
     assert all(len(expert.aux_cores(m)) == 4 for m in ("gate", "up", "down"))  # 5 cores, the central one shared
-    assert float(expert.gate_bias.detach().abs().sum()) == 0.0  # Llama has no biases: zero ones change nothing
+    # Llama has no biases: the experts' are zero and frozen (moe.expert_bias false), so they stay bias-free
+    assert float(expert.gate_bias.detach().abs().sum()) == 0.0 and not expert.gate_bias.requires_grad
+    assert layer.config.expert_bias is False and expert.gate_aux[0].requires_grad
     # the gate uses its own cores: a gate-only change moves the output
     x = torch.randn(5, 32)
     before = layer(x)[0]
