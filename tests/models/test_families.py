@@ -155,3 +155,60 @@ def test_two_rank_expert_parallel_training_equals_one_process(tmp_path, case):
         assert len(r["loss_diff"]) == 3 and max(r["loss_diff"]) < 1e-5, r["loss_diff"]
         assert r["param_diff"] < 1e-6
         assert r["central_moved"] > 1e-5  # the masked central tensors still trained
+
+
+# ----------------------------------------------------------------------------- merged export to native MoE classes
+
+FRESH_LOAD = """
+import json, sys, torch, transformers
+folder = sys.argv[1]
+model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+batch = torch.load(folder + "/batch.pt")
+with torch.no_grad():
+    logits = model(**batch).logits
+torch.save(logits, folder + "/fresh_logits.pt")
+print(json.dumps({"class": type(model).__name__,
+                  "mpomoe_ds_imported": any(m.split(".")[0] == "mpomoe_ds" for m in sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize("case,layers,target", [("llama-causal-lm", "all", "MixtralForCausalLM"),
+                                                ("mistral", "all", "MixtralForCausalLM"),
+                                                ("qwen3", "every_other", "Qwen3MoeForCausalLM")])
+def test_merged_export_loads_in_plain_transformers_with_the_converted_logits(tmp_path, case, layers, target):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mpomoe_ds.models.export import save_converted
+
+    model = family_zoo.build(case)
+    # experts made to differ, top-2: the fused layout and router weights must map expert by expert
+    convert_model(model, copy_moe(k=2, expert_init="perturb", init_noise=0.3, layers=layers))
+    batch = family_zoo.inputs(case)
+    converted = family_zoo.outputs(model, batch)
+    folder = save_converted(model, tmp_path / "export", mode="merged")
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    torch.save(batch, folder / "batch.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(folder)], capture_output=True, text=True,
+                          cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert loaded == {"class": target, "mpomoe_ds_imported": False}
+    assert (torch.load(folder / "fresh_logits.pt") - converted).abs().max() < TOL
+
+
+def test_merged_export_refuses_what_mixtral_cannot_compute():
+    from mpomoe_ds.models.native_moe import save_native_moe
+
+    model = family_zoo.build("llama-causal-lm")
+    convert_model(model, copy_moe(k=2, layers=[1], gate_weighting="softmax"))
+    with pytest.raises(ValueError, match=r"exactly as MixtralForCausalLM: .*'softmax'.*renormalises.*"
+                                         r"moe.layers: all"):
+        save_native_moe(model, "/nonexistent")
+    model = family_zoo.build("llama-seq-cls")
+    convert_model(model, copy_moe())
+    with pytest.raises(ValueError, match="no native transformers MoE target"):
+        save_native_moe(model, "/nonexistent")
