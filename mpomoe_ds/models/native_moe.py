@@ -1,4 +1,4 @@
-"""Merged export into transformers' own MoE classes: Llama / Mistral -> Mixtral, Qwen3 -> Qwen3-MoE.
+"""Merged export into transformers' own MoE classes: Llama / Mistral -> Mixtral, Qwen2 / Qwen3 -> their MoE.
 
 The folder this writes is a plain ``save_pretrained`` folder of the target
 class (``config.json`` + ``model.safetensors``): ``AutoModelForCausalLM`` and
@@ -18,8 +18,11 @@ probabilities, "softmax" the raw ones. So the export is exact when:
 
     target      gate_weighting                   layers           experts
     Mixtral     straight_through or normalized   all              dropless, zero biases
-    Qwen3-MoE   any (norm_topk_prob follows it)  any (the others  dropless, zero biases
+    Qwen2/3-MoE any (norm_topk_prob follows it)  any (the others  dropless, zero biases
                                                  go to mlp_only_layers)
+
+Qwen2-MoE always adds a sigmoid-gated shared expert: it is written with
+width 0 (``shared_expert_intermediate_size: 0``), so it adds exactly zero.
 
 Anything else is refused with the reason (no approximate export). Capacity
 limits are refused because the targets never drop tokens; expert biases must
@@ -43,6 +46,7 @@ from mpomoe_ds.models.wrappers import moe_wrappers
 # source config.model_type -> (transformers config class, model class)
 NATIVE_TARGETS = {"llama": ("MixtralConfig", "MixtralForCausalLM"),
                   "mistral": ("MixtralConfig", "MixtralForCausalLM"),
+                  "qwen2": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
                   "qwen3": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}
 
 
@@ -71,7 +75,7 @@ def save_native_moe(model: nn.Module, out_dir: Union[str, Path]) -> Path:
     _check_exact(model, spec, model_name)
     config = getattr(transformers, config_name)(**_target_config(model.config, spec, config_name))
     target = getattr(transformers, model_name)(config)
-    target.load_state_dict(_target_state(model), strict=True)
+    target.load_state_dict(_with_empty_shared_experts(_target_state(model), target), strict=True)
     out = Path(out_dir)
     target.save_pretrained(out)
     return out
@@ -116,9 +120,19 @@ def _target_config(source: Any, spec: ConversionSpec, config_name: str) -> dict[
         return {**fields, "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.k,
                 "intermediate_size": ffn, "router_jitter_noise": 0.0,
                 "sliding_window": getattr(source, "sliding_window", None)}
+    if config_name == "Qwen2MoeConfig":  # Qwen2's attention has q/k/v biases; no shared expert (size 0)
+        fields.update(qkv_bias=True, shared_expert_intermediate_size=0)
     return {**fields, "num_experts": moe.num_experts, "num_experts_per_tok": moe.k, "moe_intermediate_size": ffn,
             "intermediate_size": ffn, "decoder_sparse_step": 1, "norm_topk_prob": moe.gate_weighting != "softmax",
             "mlp_only_layers": [i for i in range(source.num_hidden_layers) if i not in spec.blocks]}
+
+
+def _with_empty_shared_experts(state: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
+    """Qwen2-MoE always adds a gated shared expert; ours has none, so it gets width 0 (output exactly 0)."""
+    for key, value in target.state_dict().items():
+        if key not in state and ".shared_expert" in key:
+            state[key] = torch.zeros_like(value)
+    return state
 
 
 def _target_state(model: nn.Module) -> dict[str, torch.Tensor]:

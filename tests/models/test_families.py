@@ -174,6 +174,7 @@ print(json.dumps({"class": type(model).__name__,
 
 @pytest.mark.parametrize("case,layers,target", [("llama-causal-lm", "all", "MixtralForCausalLM"),
                                                 ("mistral", "all", "MixtralForCausalLM"),
+                                                ("qwen2", "all", "Qwen2MoeForCausalLM"),
                                                 ("qwen3", "every_other", "Qwen3MoeForCausalLM")])
 def test_merged_export_loads_in_plain_transformers_with_the_converted_logits(tmp_path, case, layers, target):
     import json
