@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import family_zoo
+from moe_worker import reference_name  # local expert index on a rank -> global index
 from mpomoe_ds.models.convert import convert_model
 from mpomoe_ds.moe.config import MoEConfig
 from mpomoe_ds.moe.params import optimizer_param_groups
@@ -46,15 +47,6 @@ def loss_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     loss = model(**batch).loss + model.moe_aux.total_aux_loss()
     model.moe_aux.pop()
     return loss
-
-
-def reference_name(name: str, rank: int, num_local: int) -> str:
-    marker = "deepspeed_experts."
-    if marker not in name:
-        return name
-    head, tail = name.split(marker)
-    local, rest = tail.split(".", 1)
-    return f"{head}{marker}{rank * num_local + int(local)}.{rest}"
 
 
 def main() -> None:
