@@ -120,7 +120,7 @@ def save_converted(model: nn.Module, out_dir: PathLike, mode: str = "mpo") -> Pa
     meta = {"format_version": FORMAT_VERSION, "model_class": type(model).__name__, "family": spec.family,
             "mode": mode, "blocks": list(spec.blocks), "moe": to_dict(spec.moe), "mpo": to_dict(spec.mpo)}
     (out / MPOMOE_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    _save_tensors(state, out / WEIGHTS_NAME)
+    save_tensors(state, out / WEIGHTS_NAME)
     return out
 
 
@@ -150,7 +150,7 @@ def merge_expert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict
     return state
 
 
-def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     # safetensors refuses tensors that share storage (tied embeddings, views): save copies.

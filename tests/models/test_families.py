@@ -213,3 +213,41 @@ def test_merged_export_refuses_what_mixtral_cannot_compute():
     convert_model(model, copy_moe())
     with pytest.raises(ValueError, match="no native transformers MoE target"):
         save_native_moe(model, "/nonexistent")
+
+
+REMOTE_LOAD = """
+import json, sys, torch, transformers
+folder = sys.argv[1]
+model = transformers.AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+batch = torch.load(folder + "/batch.pt")
+with torch.no_grad():
+    hidden = model(**batch).last_hidden_state
+torch.save(hidden, folder + "/fresh_hidden.pt")
+print(json.dumps({"class": type(model).__name__,
+                  "mpomoe_ds_imported": any(m.split(".")[0] == "mpomoe_ds" for m in sys.modules)}))
+"""
+
+
+def test_minilm_remote_code_export_loads_without_mpomoe_ds(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mpomoe_ds.models.remote_export import save_remote_code
+
+    model = family_zoo.build("minilm")
+    convert_model(model, copy_moe(k=2, expert_init="perturb", init_noise=0.3, layers="every_other"))
+    batch = family_zoo.inputs("minilm")
+    converted = family_zoo.outputs(model, batch)
+    folder = save_remote_code(model, tmp_path / "export")
+    assert (folder / "modeling_mpomoe.py").is_file() and (folder / "model.safetensors").is_file()
+    torch.save(batch, folder / "batch.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(folder)], capture_output=True, text=True,
+                          cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"class": "MPOEBertModel",
+                                                                "mpomoe_ds_imported": False}
+    assert (torch.load(folder / "fresh_hidden.pt") - converted).abs().max() < TOL
