@@ -126,7 +126,8 @@ def parse_max_bond(text: Optional[str]) -> Optional[int | list[int]]:
 def model_ffn_matrices(model: torch.nn.Module,
                        layers: Optional[Sequence[int]] = None) -> list[tuple[str, torch.Tensor]]:
     """``[(module_name, W_IJ), ...]``: up then down matrix of each selected FFN layer."""
-    from mpomoe_ds.models.hf import find_ffn_linears, linear_weight_in_out
+    from mpomoe_ds.models.families import find_ffn_linears
+    from mpomoe_ds.models.hf import linear_weight_in_out
 
     blocks = find_ffn_linears(model)
     if layers is None:

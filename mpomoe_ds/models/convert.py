@@ -8,18 +8,10 @@ layer, and the collector through which the wrappers return the auxiliary
 (load-balancing) losses. Parallelization wiring stays here; the modeling code
 (the MoE layer, router, dispatcher, experts) computes.
 
-Supported layouts (found through :func:`mpomoe_ds.models.hf.find_ffn_linears`):
-
-    gpt2  GPT2Model, GPT2LMHeadModel, GPT2ForSequenceClassification, ...:
-          ``block.mlp`` (c_fc -> act -> c_proj -> dropout) becomes
-          :class:`GPT2MoEMLP` (MoE -> dropout).
-    bert  BERT-family encoders (BertModel and its task heads, RoBERTa,
-          ELECTRA, XLM-R, MiniLM): the FFN spans ``layer.intermediate``
-          (dense + act) and ``layer.output`` (dense, dropout,
-          LayerNorm(h + input)). ``intermediate`` becomes an identity and
-          ``output`` a :class:`BertMoEOutput` (MoE -> dropout ->
-          LayerNorm(+ residual)) that keeps the original dropout and LayerNorm
-          modules, so their state-dict keys do not change.
+Which models are supported, where their FFNs are and which wrapper takes
+their place is the family adapters' business (:mod:`mpomoe_ds.models.families`:
+GPT-2, BERT family, DistilBERT, Llama / Mistral / Qwen2 / Qwen3 with gated
+(gate, up, down) experts, T5 1.0 and 1.1); this module only drives them.
 
 Auxiliary losses: HF blocks return hidden states only, so every wrapper of a
 model records ``(block_name, l_aux, routed counts)`` into one shared
@@ -44,161 +36,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from mpomoe_ds import parallel
 from mpomoe_ds.config import to_dict
-from mpomoe_ds.models.hf import FFN_PATTERNS, find_ffn_linears, get_submodule_at, linear_weight_in_out
+from mpomoe_ds.models.families import HF_ACTIVATIONS, SUPPORTED_MODELS, FamilyAdapter, FFNBlock, detect
+from mpomoe_ds.models.hf import linear_weight_in_out
+from mpomoe_ds.models.wrappers import AuxRecord, BertMoEOutput, MoEAuxCollector, MoEFFN, MoEMLP, moe_wrappers
 from mpomoe_ds.moe.config import MoEConfig
 from mpomoe_ds.moe.layer import DenseFFN, MPOEMoE, moe_layers
 from mpomoe_ds.moe.params import ParameterReport, parameter_report
 from mpomoe_ds.mpo.config import MPOConfig
 
-SUPPORTED_MODELS = ("GPT-2 (GPT2Model, GPT2LMHeadModel, GPT2ForSequenceClassification) and BERT-family encoders "
-                    "(BertModel and its task heads, RoBERTa, ELECTRA, XLM-R, MiniLM)")
-
-# Hugging Face activation names -> the expert activations of mpomoe_ds.moe.config.ACTIVATIONS (same formula each).
-HF_ACTIVATIONS = {
-    "gelu": "gelu",
-    "gelu_new": "gelu_new",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "relu": "relu",
-    "silu": "silu",
-    "swish": "silu",
-}
-
-# Family -> the HF config attribute naming its FFN activation.
-ACTIVATION_ATTRS = {"gpt2": "activation_function", "bert": "hidden_act"}
-
-
-# --------------------------------------------------------------------------- auxiliary losses
-
-
-class AuxRecord(NamedTuple):
-    """One MoE layer's routing statistics from its latest forward."""
-
-    layer: str  # block name, e.g. "encoder.layer.3"
-    l_aux: torch.Tensor  # raw load-balancing loss E * sum_e f_e P_e (scalar, carries the graph)
-    counts: torch.Tensor  # routes per global expert from this rank's tokens, before capacity drops
-
-
-class MoEAuxCollector:
-    """Where the MoE wrappers of one model leave their auxiliary losses.
-
-    Holds at most one record per layer: a layer's forward replaces its previous
-    record. Memory is therefore bounded whether or not anyone reads the
-    records (evaluation loops, no-grad forwards, activation recomputation
-    during backward), but a training step must read them after *every*
-    forward, before the next one (two forwards then one backward would see
-    only the second forward's losses).
-
-    The total auxiliary loss of a step is ``aux_loss_coef * sum_l l_aux_l``
-    over the MoE layers; each ``l_aux_l`` is the Switch balance loss of this
-    rank's tokens, so with data parallelism the optimised quantity is the mean
-    over ranks of the per-rank losses (see :func:`mpomoe_ds.moe.router.load_balancing_loss`).
-    """
-
-    def __init__(self, aux_loss_coef: float = 0.0) -> None:
-        self.aux_loss_coef = aux_loss_coef
-        self._records: dict[str, AuxRecord] = {}
-
-    def record(self, layer: str, l_aux: torch.Tensor, counts: torch.Tensor) -> None:
-        self._records[layer] = AuxRecord(layer, l_aux, counts)
-
-    def records(self) -> list[AuxRecord]:
-        """The current records in model order, without clearing them."""
-        return list(self._records.values())
-
-    def pop(self) -> list[AuxRecord]:
-        """The current records in model order; the collector is empty afterwards."""
-        out = self.records()
-        self._records.clear()
-        return out
-
-    def total_aux_loss(self, coef: Optional[float] = None) -> torch.Tensor:
-        """``coef * sum_l l_aux_l`` over the current records (coef defaults to moe.aux_loss_coef).
-
-        Does not clear the records (call :meth:`pop` for the counts); returns a
-        zero scalar when nothing was recorded.
-        """
-        coef = self.aux_loss_coef if coef is None else coef
-        records = self.records()
-        return coef * self.sum_aux_losses(records) if records else torch.zeros(())
-
-    @staticmethod
-    def sum_aux_losses(records: list[AuxRecord]) -> torch.Tensor:
-        """``sum_l l_aux_l`` over records (fp32), the raw balance loss of a forward."""
-        return torch.stack([r.l_aux.float() for r in records]).sum()
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-
-# --------------------------------------------------------------------------- wrapper modules
-
-
-class MoEFFN(nn.Module):
-    """Base of the modules that take an FFN's place in a block: the MoE layer plus bookkeeping.
-
-    ``moe`` is the :class:`MPOEMoE`; ``block_index`` / ``block_name`` say
-    which block this was (export rebuilds conversions from them).
-    """
-
-    family = ""
-
-    def __init__(self, moe: MPOEMoE, aux: MoEAuxCollector, block_index: int, block_name: str) -> None:
-        super().__init__()
-        self.moe = moe
-        self.aux = aux  # plain attribute: shared by all wrappers of the model, not a submodule
-        self.block_index = block_index
-        self.block_name = block_name
-
-    def run_moe(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out, l_aux, counts = self.moe(hidden_states)
-        self.aux.record(self.block_name, l_aux, counts)
-        return out
-
-
-class GPT2MoEMLP(MoEFFN):
-    """Replaces GPT-2's ``block.mlp``: MoE -> dropout (the original dropout module)."""
-
-    family = "gpt2"
-
-    def __init__(self, moe: MPOEMoE, dropout: nn.Module, aux: MoEAuxCollector, block_index: int,
-                 block_name: str) -> None:
-        super().__init__(moe, aux, block_index, block_name)
-        self.dropout = dropout
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.run_moe(hidden_states))
-
-
-class BertMoEOutput(MoEFFN):
-    """Replaces a BERT-family ``layer.output``: MoE -> dropout -> LayerNorm(h + input).
-
-    The block's ``intermediate`` becomes an identity, so ``hidden_states`` is
-    the attention output, which is also ``input_tensor`` (the residual).
-    """
-
-    family = "bert"
-
-    def __init__(self, moe: MPOEMoE, dropout: nn.Module, layer_norm: nn.Module, aux: MoEAuxCollector,
-                 block_index: int, block_name: str) -> None:
-        super().__init__(moe, aux, block_index, block_name)
-        self.dropout = dropout
-        self.LayerNorm = layer_norm  # HF's attribute name, so the state-dict keys stay the same
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.run_moe(hidden_states)) + input_tensor)
-
-
-def moe_wrappers(model: nn.Module) -> list[tuple[str, MoEFFN]]:
-    """(module path, wrapper) for every converted block, in model order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoEFFN)]
-
+# Re-exported: the wrappers and the collector are part of conversion's public API.
+__all__ = ["AuxRecord", "BertMoEOutput", "ConversionReport", "ConversionSpec", "ConvertedBlock", "HF_ACTIVATIONS",
+           "MoEAuxCollector", "MoEFFN", "MoEMLP", "SUPPORTED_MODELS", "convert_model", "moe_wrappers"]
 
 # --------------------------------------------------------------------------- report
 
@@ -296,45 +151,24 @@ def convert_model(model: nn.Module, moe: MoEConfig, mpo: Optional[MPOConfig] = N
     if any(True for _ in moe_layers(model)):
         raise ValueError(f"{type(model).__name__} already has MoE layers; convert a fresh model "
                          f"(use mpomoe_ds.models.export.load_converted to reload a converted one)")
-    ffns = _find_blocks(model)
-    family = _family(model, ffns)
-    moe, notes = _with_model_activation(model, family, moe.with_ep_size(parallel.world_size()))
-    _check_block_options(model, family)
+    adapter, ffns = detect(model)
+    config = _model_config(model)
+    if adapter.check is not None:
+        try:
+            adapter.check(config)
+        except ValueError as err:
+            raise ValueError(f"{type(model).__name__}: {err}") from err
+    moe, notes = _with_model_ffn(model, adapter, ffns, moe.with_ep_size(parallel.world_size()))
     indices = moe.moe_layer_indices(len(ffns))
 
     params_before = parameter_report(model)
     aux = MoEAuxCollector(moe.aux_loss_coef)
-    blocks = []
-    for layer_id, index in enumerate(indices):
-        block_name, up, down = ffns[index]
-        blocks.append(_convert_block(model, family, index, block_name, up, down, layer_id, moe, mpo, ep_group, aux))
+    blocks = [_convert_block(model, adapter, index, ffns[index], layer_id, moe, mpo, ep_group, aux)
+              for layer_id, index in enumerate(indices)]
     model.moe_aux = aux  # HF forwards cannot return the losses; see MoEAuxCollector
-    return ConversionReport(model_class=type(model).__name__, family=family, num_blocks=len(ffns), moe=moe,
+    return ConversionReport(model_class=type(model).__name__, family=adapter.name, num_blocks=len(ffns), moe=moe,
                             mpo=mpo, blocks=blocks, params_before=params_before,
-                            params_after=parameter_report(model), aux=aux, notes=notes)
-
-
-def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
-    try:
-        return find_ffn_linears(model)
-    except ValueError as err:
-        raise ValueError(f"cannot convert {type(model).__name__}: no FFN blocks of a supported layout. "
-                         f"Supported: {SUPPORTED_MODELS}") from err
-
-
-def _family(model: nn.Module, ffns: list[tuple[str, nn.Module, nn.Module]]) -> str:
-    """The layout family of the model's blocks ("gpt2" or "bert"); one family per model."""
-    families = set()
-    for block_name, up, _ in ffns:
-        block = model.get_submodule(block_name)
-        families.update(p.family for p in FFN_PATTERNS if get_submodule_at(block, p.up) is up)
-    if len(families) != 1:
-        raise ValueError(f"{type(model).__name__} mixes FFN layouts {sorted(families)}; supported: {SUPPORTED_MODELS}")
-    family = families.pop()
-    if family not in ACTIVATION_ATTRS:
-        raise ValueError(f"cannot convert {type(model).__name__}: its FFN layout ({family}) is recognised but "
-                         f"conversion supports only {SUPPORTED_MODELS}")
-    return family
+                            params_after=parameter_report(model), aux=aux, notes=notes + list(adapter.notes))
 
 
 def _model_config(model: nn.Module) -> Any:
@@ -345,36 +179,40 @@ def _model_config(model: nn.Module) -> Any:
     return config
 
 
-def _with_model_activation(model: nn.Module, family: str, moe: MoEConfig) -> tuple[MoEConfig, list[str]]:
-    """The MoE config with the model's own FFN activation: experts must compute what the FFN did."""
-    attr = ACTIVATION_ATTRS[family]
-    hf_act = getattr(_model_config(model), attr, None)
-    if not isinstance(hf_act, str) or hf_act not in HF_ACTIVATIONS:
-        raise ValueError(f"{type(model).__name__}: config.{attr}={hf_act!r} has no expert equivalent; "
-                         f"supported activations are {sorted(HF_ACTIVATIONS)}")
-    activation = HF_ACTIVATIONS[hf_act]
-    if activation == moe.activation:
-        return moe, []
-    note = (f"moe.activation set to {activation!r} from the model's config.{attr}={hf_act!r} "
-            f"(the MoE config had {moe.activation!r})")
-    return dataclasses.replace(moe, activation=activation), [note]
+def _with_model_ffn(model: nn.Module, adapter: FamilyAdapter, ffns: list[FFNBlock],
+                    moe: MoEConfig) -> tuple[MoEConfig, list[str]]:
+    """The MoE config with the model's own FFN activation, gating and biases: experts compute what the FFN did."""
+    try:
+        activation = adapter.activation_of(_model_config(model))
+    except ValueError as err:
+        raise ValueError(f"{type(model).__name__}: {err}") from err
+    notes = []
+    if activation != moe.activation:
+        hf_act = getattr(model.config, adapter.activation)
+        notes.append(f"moe.activation set to {activation!r} from the model's config.{adapter.activation}="
+                     f"{hf_act!r} (the MoE config had {moe.activation!r})")
+    if adapter.gated != moe.gated:
+        notes.append(f"moe.gated set to {adapter.gated} ({adapter.name} FFNs are "
+                     f"{'gated' if adapter.gated else 'not gated'})")
+    expert_bias = any(getattr(p, "bias", None) is not None for p in ffns[0].projections.values())
+    if not expert_bias and moe.expert_bias:
+        notes.append(f"moe.expert_bias set to false: {adapter.name} FFNs have no biases, so the experts' zero "
+                     f"biases stay frozen")
+    return dataclasses.replace(moe, activation=activation, gated=adapter.gated,
+                               expert_bias=moe.expert_bias and expert_bias), notes
 
 
-def _check_block_options(model: nn.Module, family: str) -> None:
-    config = _model_config(model)
-    chunk = getattr(config, "chunk_size_feed_forward", 0) or 0
-    if family == "bert" and chunk:
-        # Chunking would route each chunk separately: capacities and balance
-        # losses would be per chunk, and only the last chunk's loss recorded.
-        raise ValueError(f"{type(model).__name__}: config.chunk_size_feed_forward={chunk} splits the FFN into "
-                         f"chunks, which MoE routing does not support; set it to 0 before converting")
+def _dense_ffn(projections: dict[str, nn.Module]) -> DenseFFN:
+    """The pretrained FFN as CPU float32 tensors (decomposition runs there, in float64 inside).
 
-
-def _dense_ffn(up: nn.Module, down: nn.Module) -> DenseFFN:
-    """The pretrained FFN as CPU float32 tensors (decomposition runs there, in float64 inside)."""
-    up_w, down_w = linear_weight_in_out(up), linear_weight_in_out(down)
-    return DenseFFN(up_weight=up_w.detach().float().cpu().clone(), up_bias=_bias(up, up_w.shape[1]),
-                    down_weight=down_w.detach().float().cpu().clone(), down_bias=_bias(down, down_w.shape[1]))
+    A projection without a bias (Llama, T5) gets a zero bias: experts always
+    carry one, and a zero bias changes no output.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for m, module in projections.items():
+        weight = linear_weight_in_out(module).detach().float().cpu().clone()
+        tensors[f"{m}_weight"], tensors[f"{m}_bias"] = weight, _bias(module, weight.shape[1])
+    return DenseFFN(**tensors)
 
 
 def _bias(module: nn.Module, size: int) -> torch.Tensor:
@@ -382,28 +220,21 @@ def _bias(module: nn.Module, size: int) -> torch.Tensor:
     return torch.zeros(size) if bias is None else bias.detach().float().cpu().clone()
 
 
-def _convert_block(model: nn.Module, family: str, index: int, block_name: str, up: nn.Module, down: nn.Module,
-                   layer_id: int, moe: MoEConfig, mpo: MPOConfig, ep_group: Optional[parallel.ProcessGroup],
+def _convert_block(model: nn.Module, adapter: FamilyAdapter, index: int, ffn: FFNBlock, layer_id: int,
+                   moe: MoEConfig, mpo: MPOConfig, ep_group: Optional[parallel.ProcessGroup],
                    aux: MoEAuxCollector) -> ConvertedBlock:
-    dense = _dense_ffn(up, down)
-    reference = up.weight
+    dense = _dense_ffn(ffn.projections)
+    reference = ffn.projections["up"].weight
     try:
         layer = MPOEMoE.from_dense(dense, moe, mpo, layer_id=layer_id, ep_group=ep_group)
     except ValueError as err:
-        raise ValueError(f"converting block {index} ({block_name}) of {type(model).__name__}: {err}") from err
+        raise ValueError(f"converting block {index} ({ffn.name}) of {type(model).__name__}: {err}") from err
     layer.to(device=reference.device, dtype=reference.dtype)
-    block = model.get_submodule(block_name)
-    if family == "gpt2":
-        block.mlp = GPT2MoEMLP(layer, block.mlp.dropout, aux, index, block_name)
-        moe_module = f"{block_name}.mlp.moe"
-    else:
-        block.output = BertMoEOutput(layer, block.output.dropout, block.output.LayerNorm, aux, index, block_name)
-        block.intermediate = nn.Identity()
-        moe_module = f"{block_name}.output.moe"
-    norms = {"up": float(dense.up_weight.norm()), "down": float(dense.down_weight.norm())}
+    moe_module = f"{ffn.name}.{adapter.install(ffn.block, layer, aux, adapter.name, index, ffn.name)}"
+    norms = {m: float(w.norm()) for m, w in dense.weights().items()}
     bonds = {m: list(d.bond_dims) for m, d in layer.decompositions.items()}
     bounds = {m: float(d.error_bound) for m, d in layer.decompositions.items()}
-    return ConvertedBlock(index=index, block_name=block_name, layer_id=layer_id, moe_module=moe_module,
+    return ConvertedBlock(index=index, block_name=ffn.name, layer_id=layer_id, moe_module=moe_module,
                           hidden_size=dense.hidden_size, ffn_size=dense.ffn_size, bond_dims=bonds,
                           error_bound=bounds,
                           rel_error_bound={m: b / norms[m] if norms[m] > 0 else 0.0 for m, b in bounds.items()})

@@ -24,7 +24,12 @@ Modes:
     mpo     the trained tensors as they are: central and auxiliary MPO cores.
     merged  every expert's dense matrices, reconstructed from its cores once at
             export time, stored as plain ("ffn") experts: inference runs no
-            reconstruction. The router and biases are unchanged.
+            reconstruction. The router and biases are unchanged. Causal LMs
+            of the Llama / Mistral / Qwen3 families are written instead as
+            transformers' own Mixtral / Qwen3-MoE (``config.json`` +
+            ``model.safetensors``), which ``AutoModelForCausalLM.from_pretrained``
+            loads without mpomoe_ds (:mod:`mpomoe_ds.models.native_moe`, exact
+            or refused).
 
 A DeepSpeed MoE checkpoint (0.19.8, ``engine._save_moe_checkpoint``) is a tag
 folder holding ``mp_rank_00_model_states.pt``, whose ``'module'`` dict has
@@ -51,6 +56,7 @@ from torch import nn
 from mpomoe_ds.config import from_dict, to_dict
 from mpomoe_ds.models.convert import ConversionSpec, convert_model
 from mpomoe_ds.models.hf import load_model
+from mpomoe_ds.models.native_moe import has_native_target, save_native_moe
 from mpomoe_ds.moe.config import MoEConfig
 from mpomoe_ds.moe.layer import MPOEMoE, moe_layers
 from mpomoe_ds.mpo.config import MPOConfig
@@ -100,6 +106,8 @@ def save_converted(model: nn.Module, out_dir: PathLike, mode: str = "mpo") -> Pa
             raise ValueError(f"{name} holds {layer.num_local_experts} of {layer.num_experts} experts "
                              f"(ep_size={layer.ep_size}); save_converted needs every expert in one process. "
                              f"Save a DeepSpeed checkpoint and use export_deepspeed_checkpoint")
+    if mode == "merged" and has_native_target(model):
+        return save_native_moe(model, out_dir)  # Mixtral / Qwen3-MoE: plain transformers loads it
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if mode == "merged":
         state = merge_expert_state(model, state)
@@ -112,7 +120,7 @@ def save_converted(model: nn.Module, out_dir: PathLike, mode: str = "mpo") -> Pa
     meta = {"format_version": FORMAT_VERSION, "model_class": type(model).__name__, "family": spec.family,
             "mode": mode, "blocks": list(spec.blocks), "moe": to_dict(spec.moe), "mpo": to_dict(spec.mpo)}
     (out / MPOMOE_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    _save_tensors(state, out / WEIGHTS_NAME)
+    save_tensors(state, out / WEIGHTS_NAME)
     return out
 
 
@@ -120,7 +128,7 @@ def merge_expert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict
     """``state`` with each MPO layer's cores replaced by per-expert dense matrices.
 
     Drops ``<layer>.central.*`` and every expert's ``*_aux.*`` cores, adds
-    ``<layer>.deepspeed_moe.experts.deepspeed_experts.<e>.{up,down}_weight``
+    ``<layer>.deepspeed_moe.experts.deepspeed_experts.<e>.{gate,up,down}_weight``
     (the names of :class:`mpomoe_ds.moe.experts.FFNExpert`). Layers that already
     have plain experts are left as they are.
     """
@@ -142,7 +150,7 @@ def merge_expert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict
     return state
 
 
-def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     # safetensors refuses tensors that share storage (tied embeddings, views): save copies.
@@ -198,7 +206,7 @@ def load_converted(out_dir: PathLike) -> nn.Module:
 
 
 def _is_core_key(key: str) -> bool:
-    return bool(re.search(r"\.central\.(up|down)$|\.(up|down)_aux\.\d+$", key))
+    return bool(re.search(r"\.central\.(gate|up|down)$|\.(gate|up|down)_aux\.\d+$", key))
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

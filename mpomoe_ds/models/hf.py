@@ -6,10 +6,9 @@ model offline or from the hub, pretrained or with random weights (:func:`load_mo
 :func:`load_tokenizer`), building a
 randomly initialised model from a built-in config (:func:`build_random_model`,
 :func:`builtin_num_layers`),
-locating each transformer block's feed-forward up / down projections
-(:func:`find_ffn_linears`), and reading their weights in one orientation
-(:func:`linear_weight_in_out`). Model conversion and the MPO report reuse it;
-no other module should hard-code HF attribute names.
+and reading FFN projection weights in one orientation
+(:func:`linear_weight_in_out`). Where each family keeps its FFN projections
+is the family adapters' business (:mod:`mpomoe_ds.models.families`).
 
 Orientation: every weight this module hands out is ``W_IJ`` with ``y = x @ W``,
 i.e. shape ``(in_features, out_features)``. ``nn.Linear`` stores the transpose
@@ -26,7 +25,6 @@ Naming conventions:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -46,24 +44,6 @@ TASKS = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "architecture": None,  # the class the config's ``architectures[0]`` names
 }
-
-
-@dataclass(frozen=True)
-class FFNPattern:
-    """Where a model family keeps its FFN projections, relative to a block."""
-
-    family: str
-    up: str    # dotted path from the block to the up projection
-    down: str  # dotted path from the block to the down projection
-
-
-# Matched against every submodule; the first pattern whose two paths both
-# resolve wins. BERT-family covers BERT, RoBERTa, ELECTRA, XLM-R and MiniLM.
-FFN_PATTERNS: tuple[FFNPattern, ...] = (
-    FFNPattern("bert", "intermediate.dense", "output.dense"),
-    FFNPattern("gpt2", "mlp.c_fc", "mlp.c_proj"),
-    FFNPattern("distilbert", "ffn.lin1", "ffn.lin2"),
-)
 
 
 # Built-in configs for random models: transformers model_type + config overrides.
@@ -109,7 +89,9 @@ def load_model(name_or_path: str, task: Optional[str] = None, *, weights: bool =
     Args:
         name_or_path: a folder with ``config.json`` (and weights), a hub name
             (needs network or the HF cache; with ``HF_HUB_OFFLINE=1`` only the
-            cache), or ``"minilm"`` for the packaged all-MiniLM-L6-v2.
+            cache), or ``"minilm"`` for the packaged all-MiniLM-L6-v2. With
+            ``weights=False`` also a transformers model type (``"llama"``,
+            ``"t5"``, ...): its config class's defaults plus the overrides.
         task: which head: ``None``/``"base"`` (bare encoder/decoder),
             ``"causal-lm"``, ``"masked-lm"``, ``"sequence-classification"``,
             or ``"architecture"`` (the config's ``architectures[0]`` class).
@@ -141,7 +123,7 @@ def load_model(name_or_path: str, task: Optional[str] = None, *, weights: bool =
             if task == "architecture":
                 auto_cls = _architecture_class(transformers.AutoConfig.from_pretrained(path, **kwargs)) or auto_cls
             return auto_cls.from_pretrained(path, **kwargs, **({"dtype": dtype} if dtype is not None else {}))
-        config = transformers.AutoConfig.from_pretrained(path, **kwargs, **(config_overrides or {}))
+        config = _random_init_config(transformers, path, local, kwargs, config_overrides or {})
     except OSError as err:
         where = "the folder" if local else "the Hugging Face hub or cache"
         reason = str(err).strip().rstrip(".")
@@ -153,6 +135,20 @@ def load_model(name_or_path: str, task: Optional[str] = None, *, weights: bool =
     else:
         model = getattr(transformers, TASKS[task] if task != "architecture" else "AutoModel").from_config(config)
     return model.to(dtype) if dtype is not None else model
+
+
+def _random_init_config(transformers: Any, path: str, local: bool, kwargs: dict[str, Any],
+                        overrides: dict[str, Any]) -> Any:
+    """The config of a random-weights model: a folder's config.json, or a bare transformers model type.
+
+    A name that is no folder but a transformers model type ("llama", "t5",
+    "qwen3", ...) builds that family's config class with its defaults and the
+    overrides, offline: ``model: {name_or_path: llama, random_init: true,
+    config_overrides: {hidden_size: 64, ...}}``.
+    """
+    if not local and path in transformers.CONFIG_MAPPING:
+        return transformers.AutoConfig.for_model(path, **overrides)
+    return transformers.AutoConfig.from_pretrained(path, **kwargs, **overrides)
 
 
 def load_tokenizer(name_or_path: str):
@@ -214,33 +210,6 @@ def build_random_model(name: str, num_layers: Optional[int] = None, seed: int = 
     return transformers.AutoModel.from_config(config).eval()
 
 
-def find_ffn_linears(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
-    """Every transformer block's FFN projections, in model order.
-
-    Works for BERT-family models (``intermediate.dense`` / ``output.dense``),
-    GPT-2 (``mlp.c_fc`` / ``mlp.c_proj``, ``Conv1D`` modules) and DistilBERT
-    (``ffn.lin1`` / ``ffn.lin2``), with or without a task head around them.
-
-    Returns:
-        ``[(block_name, up_module, down_module), ...]``; read the weights with
-        :func:`linear_weight_in_out`. The list index is the FFN's layer index.
-
-    Raises:
-        ValueError: no FFN found; names the model class and the patterns tried.
-    """
-    found = []
-    for block_name, block in model.named_modules():
-        for pattern in FFN_PATTERNS:
-            up, down = get_submodule_at(block, pattern.up), get_submodule_at(block, pattern.down)
-            if _is_projection(up) and _is_projection(down):
-                found.append((block_name, up, down))
-                break
-    if not found:
-        tried = ", ".join(f"{p.family}: {p.up} / {p.down}" for p in FFN_PATTERNS)
-        raise ValueError(f"no FFN blocks found in {type(model).__name__}; supported layouts are {tried}")
-    return found
-
-
 def linear_weight_in_out(module: nn.Module) -> torch.Tensor:
     """The weight of a projection as ``W_IJ`` of shape ``(in, out)``, so ``y = x @ W + b``.
 
@@ -263,7 +232,8 @@ def _is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
-def _is_projection(module: Optional[nn.Module]) -> bool:
+def is_projection(module: Optional[nn.Module]) -> bool:
+    """Whether ``module`` is an FFN projection this package can read (``nn.Linear`` or GPT-2's ``Conv1D``)."""
     return module is not None and (isinstance(module, nn.Linear) or _is_conv1d(module))
 
 

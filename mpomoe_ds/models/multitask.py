@@ -11,6 +11,7 @@ per step and every rank runs the same head in the same step.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -58,13 +59,20 @@ class MultiTaskModel(nn.Module):
             raise ValueError("an lm task needs a causal-LM backbone (e.g. GPT-2 loaded as causal-lm)")
 
     def _encoder(self) -> nn.Module:
-        """The part that returns hidden states (the LM wrapper's base model, or the backbone)."""
+        """The part that returns hidden states: an encoder-decoder's encoder (T5), the LM wrapper's base model,
+        or the backbone."""
+        if getattr(self.backbone.config, "is_encoder_decoder", False):
+            return self.backbone.get_encoder()
         return getattr(self.backbone, "base_model", self.backbone)
+
+    def _takes_token_types(self) -> bool:
+        """BERT-style encoders read token_type_ids; Llama, Qwen and T5 have no such input."""
+        return "token_type_ids" in inspect.signature(self._encoder().forward).parameters
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 task_id: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         task = self.tasks[int(task_id[0])]
-        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None and self._takes_token_types() else {}
         if task.kind == "lm":
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
             task_loss, logits = out.loss, out.logits

@@ -18,6 +18,15 @@ from mpomoe_ds.config import ConfigError, check_choice, fail
 # The expert matrices of an FFN, in x @ W orientation: up (D -> F), down (F -> D).
 MATRICES = ("up", "down")
 
+# A gated FFN (SwiGLU / GEGLU: Llama, Mistral, Qwen, T5 1.1) adds gate (D -> F):
+# h = act(x W_gate) * (x W_up), y = h W_down.
+GATED_MATRICES = ("gate", "up", "down")
+
+
+def ffn_matrices(gated: bool) -> tuple[str, ...]:
+    """The expert matrix positions of a plain (up, down) or gated (gate, up, down) FFN."""
+    return GATED_MATRICES if gated else MATRICES
+
 # Expert activation name -> (torch.nn.functional function, keyword arguments); the
 # experts resolve it, the config only needs the names.
 ACTIVATIONS: dict[str, tuple[str, dict[str, str]]] = {
@@ -71,6 +80,13 @@ class MoEConfig:
     expert_type: "mpo" (shared central tensor + per-expert auxiliaries) or
         "ffn" (plain dense experts: the standard-MoE baseline).
     activation: the expert FFN activation.
+    gated: gated experts (gate, up, down): h = act(x W_gate) * (x W_up), as
+        Llama / Mistral / Qwen / T5 1.1 compute it; conversion sets it from
+        the model family (like activation).
+    expert_bias: experts train their biases. False = every expert bias stays
+        at its initial zero (frozen): conversion sets it for families whose FFN
+        has no biases (Llama, Mistral, Qwen, T5), so experts compute the same
+        function class and merge into bias-free MoE classes (Mixtral, Qwen-MoE).
     layers: which FFN blocks become MoE: "all", "every_other" (1, 3, 5, ...),
         or a list of layer indices.
     expert_init: "copy" (every expert the pretrained FFN) or "perturb"
@@ -101,6 +117,8 @@ class MoEConfig:
     gate_weighting: str = "straight_through"
     expert_type: str = "mpo"
     activation: str = "gelu"
+    gated: bool = False
+    expert_bias: bool = True
     layers: Union[str, list[int]] = "every_other"
     expert_init: str = "perturb"
     init_noise: float = 0.01
@@ -169,6 +187,11 @@ class MoEConfig:
             return self
         ep = max(d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0 and world_size % d == 0)
         return dataclasses.replace(self, ep_size=ep)
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        """The expert matrix positions, in computation order."""
+        return ffn_matrices(self.gated)
 
     @property
     def num_local_experts(self) -> int:

@@ -38,6 +38,7 @@ costs about |W| * (d_2 + d_3) = 1.4 GMAC, the cost of ~600 tokens through it):
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Callable, Optional, Protocol
 
 import torch
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from deepspeed.moe.experts import Experts
 from torch import nn
 
-from mpomoe_ds.moe.config import ACTIVATIONS, MATRICES
+from mpomoe_ds.moe.config import ACTIVATIONS
 from mpomoe_ds.moe.step_cache import StepReconstruction
 from mpomoe_ds.mpo.reconstruction import reconstruct_shared
 
@@ -99,31 +100,36 @@ def _own_parameter(tensor: torch.Tensor) -> nn.Parameter:
 class MPOExpert(nn.Module):
     """One expert's own tensors: the auxiliary cores of each matrix, and biases.
 
-    ``up_aux[m]`` is core ``aux_core_indices[m]`` of the up-projection MPO.
+    ``{m}_aux[c]`` is core ``aux_core_indices[c]`` of matrix ``m``'s MPO
+    (m in "up", "down", and "gate" for gated experts); ``{m}_bias`` its bias.
+    Registration order (all cores, then all biases, matrices in
+    computation order) fixes the parameter order the optimizer sees.
     """
 
-    def __init__(self, up_aux: list[torch.Tensor], down_aux: list[torch.Tensor], up_bias: torch.Tensor,
-                 down_bias: torch.Tensor) -> None:
+    def __init__(self, aux: Mapping[str, list[torch.Tensor]], biases: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
-        self.up_aux = nn.ParameterList([_own_parameter(c) for c in up_aux])
-        self.down_aux = nn.ParameterList([_own_parameter(c) for c in down_aux])
-        self.up_bias = _own_parameter(up_bias)
-        self.down_bias = _own_parameter(down_bias)
+        self.matrices = tuple(aux)
+        for m in self.matrices:
+            setattr(self, f"{m}_aux", nn.ParameterList([_own_parameter(c) for c in aux[m]]))
+        for m in self.matrices:
+            setattr(self, f"{m}_bias", _own_parameter(biases[m]))
 
     def aux_cores(self, matrix: str) -> nn.ParameterList:
-        return self.up_aux if matrix == "up" else self.down_aux
+        return getattr(self, f"{matrix}_aux")
 
 
 class FFNExpert(nn.Module):
-    """A plain dense expert (the standard-MoE baseline), weights in x @ W orientation."""
+    """A plain dense expert (the standard-MoE baseline), weights in x @ W orientation.
 
-    def __init__(self, up_weight: torch.Tensor, up_bias: torch.Tensor, down_weight: torch.Tensor,
-                 down_bias: torch.Tensor) -> None:
+    ``{m}_weight`` / ``{m}_bias`` per matrix m ("up", "down", and "gate" when gated).
+    """
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
-        self.up_weight = _own_parameter(up_weight)
-        self.up_bias = _own_parameter(up_bias)
-        self.down_weight = _own_parameter(down_weight)
-        self.down_bias = _own_parameter(down_bias)
+        self.matrices = tuple(weights)
+        for m in self.matrices:
+            setattr(self, f"{m}_weight", _own_parameter(weights[m]))
+            setattr(self, f"{m}_bias", _own_parameter(biases[m]))
 
 
 class MoEExperts(Experts):
@@ -143,6 +149,15 @@ class MoEExperts(Experts):
         self.global_expert_ids = list(range(num_local_experts))
         self._micro_batch: Optional[tuple[int, bool]] = None
         self._step: Optional[StepReconstruction] = None
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        """The expert matrix positions: ("up", "down") or, gated, ("gate", "up", "down")."""
+        return self.deepspeed_experts[0].matrices
+
+    @property
+    def is_gated(self) -> bool:
+        return "gate" in self.matrices
 
     @property
     def is_mpo(self) -> bool:
@@ -201,7 +216,7 @@ class MoEExperts(Experts):
 
     def expert_weights(self, central: Optional[dict[str, torch.Tensor]] = None,
                        active_L: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """{"up": (L, D, F), "down": (L, F, D)} for every local expert.
+        """{"up": (L, D, F), "down": (L, F, D)} (and "gate": (L, D, F)) for every local expert.
 
         MPO experts: one batched reconstruction per matrix
         (:func:`reconstruct_shared`). With ``active_L`` (bool, (L,)) only those
@@ -209,12 +224,12 @@ class MoEExperts(Experts):
         """
         experts = self.deepspeed_experts
         if not self.is_mpo:
-            return {m: torch.stack([getattr(e, f"{m}_weight") for e in experts]) for m in MATRICES}
+            return {m: torch.stack([getattr(e, f"{m}_weight") for e in experts]) for m in self.matrices}
         if central is None:
             raise ValueError("MPO experts need the layer's central tensors to reconstruct their weights")
         active_A = None if active_L is None else torch.nonzero(active_L).flatten()
         weights = {}
-        for m in MATRICES:
+        for m in self.matrices:
             aux, core = self._mpo_cores(m, central, active_A)
             w = reconstruct_shared(aux, core, self.central_index)
             if active_A is not None:
@@ -241,7 +256,7 @@ class MoEExperts(Experts):
         return step.final_weights()
 
     def biases(self) -> dict[str, torch.Tensor]:
-        return {m: torch.stack([getattr(e, f"{m}_bias") for e in self.deepspeed_experts]) for m in MATRICES}
+        return {m: torch.stack([getattr(e, f"{m}_bias") for e in self.deepspeed_experts]) for m in self.matrices}
 
     def forward(self, x_LSD: torch.Tensor, central: Optional[dict[str, torch.Tensor]] = None,
                 valid_LS: Optional[torch.Tensor] = None, active_L: Optional[torch.Tensor] = None,
@@ -259,9 +274,19 @@ class MoEExperts(Experts):
         if hooks is not None:
             weights = {m: hooks.transform_weight(self, m, w) for m, w in weights.items()}
         x_LSD = x_LSD.to(weights["up"].dtype)
-        h_LSF = activation_function(self.activation)(torch.baddbmm(biases["up"].unsqueeze(1), x_LSD, weights["up"]))
+        h_LSF = self._hidden(x_LSD, weights, biases)
         # A recomputation (activation checkpointing) already showed these inputs in its first forward.
         if hooks is not None and self.training and valid_LS is not None and not recomputing():
-            hooks.observe_inputs(self, "up", x_LSD.detach(), valid_LS)
-            hooks.observe_inputs(self, "down", h_LSF.detach(), valid_LS)
+            for m in self.matrices:
+                hooks.observe_inputs(self, m, (h_LSF if m == "down" else x_LSD).detach(), valid_LS)
         return torch.baddbmm(biases["down"].unsqueeze(1), h_LSF, weights["down"])
+
+    def _hidden(self, x_LSD: torch.Tensor, weights: Mapping[str, torch.Tensor],
+                biases: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The FFN's inner activations: act(x W_up + b), or gated act(x W_gate + b) * (x W_up + b)."""
+        act = activation_function(self.activation)
+        up_LSF = torch.baddbmm(biases["up"].unsqueeze(1), x_LSD, weights["up"])
+        if not self.is_gated:
+            return act(up_LSF)
+        # The order HF computes it in (Llama: act_fn(gate_proj(x)) * up_proj(x); T5: act(wi_0 x) * wi_1 x).
+        return act(torch.baddbmm(biases["gate"].unsqueeze(1), x_LSD, weights["gate"])) * up_LSF

@@ -46,7 +46,7 @@ from torch import nn
 
 from mpomoe_ds import parallel
 from mpomoe_ds.moe.central import CentralTensors
-from mpomoe_ds.moe.config import MATRICES, MoEConfig
+from mpomoe_ds.moe.config import MoEConfig, ffn_matrices
 from mpomoe_ds.moe.experts import ExpertHooks, FFNExpert, MoEExperts, MPOExpert
 from mpomoe_ds.moe.grad_mask import GradientMask, mix_seed
 from mpomoe_ds.moe.router import TopKRouter
@@ -57,20 +57,48 @@ from mpomoe_ds.mpo.config import MPOConfig
 
 @dataclass
 class DenseFFN:
-    """A dense FFN's tensors in x @ W orientation: up (D, F), down (F, D)."""
+    """A dense FFN's tensors in x @ W orientation: up (D, F), down (F, D), and gate (D, F) when gated."""
 
     up_weight: torch.Tensor
     up_bias: torch.Tensor
     down_weight: torch.Tensor
     down_bias: torch.Tensor
+    gate_weight: Optional[torch.Tensor] = None
+    gate_bias: Optional[torch.Tensor] = None
 
     @classmethod
-    def random(cls, hidden_size: int, ffn_size: int, seed: int, std: float = 0.02) -> "DenseFFN":
+    def random(cls, hidden_size: int, ffn_size: int, seed: int, std: float = 0.02,
+               gated: bool = False) -> "DenseFFN":
         gen = torch.Generator().manual_seed(seed)
-        return cls(up_weight=torch.randn(hidden_size, ffn_size, generator=gen) * std,
-                   up_bias=torch.zeros(ffn_size),
-                   down_weight=torch.randn(ffn_size, hidden_size, generator=gen) * std,
-                   down_bias=torch.zeros(hidden_size))
+        dense = cls(up_weight=torch.randn(hidden_size, ffn_size, generator=gen) * std,
+                    up_bias=torch.zeros(ffn_size),
+                    down_weight=torch.randn(ffn_size, hidden_size, generator=gen) * std,
+                    down_bias=torch.zeros(hidden_size))
+        if gated:  # drawn after up/down, so a plain FFN of the same seed is unchanged
+            dense.gate_weight = torch.randn(hidden_size, ffn_size, generator=gen) * std
+            dense.gate_bias = torch.zeros(ffn_size)
+        return dense
+
+    def __post_init__(self) -> None:
+        if (self.gate_weight is None) != (self.gate_bias is None):
+            raise ValueError("a gated DenseFFN needs both gate_weight and gate_bias (zeros when the model has none)")
+        if self.gate_weight is not None and self.gate_weight.shape != self.up_weight.shape:
+            raise ValueError(f"gate_weight {tuple(self.gate_weight.shape)} must have up_weight's shape "
+                             f"{tuple(self.up_weight.shape)}")
+
+    @property
+    def gated(self) -> bool:
+        return self.gate_weight is not None
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        return ffn_matrices(self.gated)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {m: getattr(self, f"{m}_weight") for m in self.matrices}
+
+    def biases(self) -> dict[str, torch.Tensor]:
+        return {m: getattr(self, f"{m}_bias") for m in self.matrices}
 
     @property
     def hidden_size(self) -> int:
@@ -156,7 +184,10 @@ class MPOEMoE(MoE):
         nn.Module.__init__(self)  # not MoE.__init__: see the module docstring
         moe = moe.with_ep_size(parallel.world_size())  # ep_size 0: automatic
         mpo = mpo or MPOConfig()
-        dense = dense or DenseFFN.random(hidden_size, ffn_size, seed=mix_seed(moe.seed, layer_id, 1))
+        dense = dense or DenseFFN.random(hidden_size, ffn_size, seed=mix_seed(moe.seed, layer_id, 1), gated=moe.gated)
+        if dense.gated != moe.gated:
+            raise ValueError(f"moe.gated={moe.gated} but the dense FFN is {'gated' if dense.gated else 'not gated'}; "
+                             f"set moe.gated to match the FFN (conversion does it from the model family)")
         if (dense.hidden_size, dense.ffn_size) != (hidden_size, ffn_size):
             raise ValueError(f"dense FFN is {dense.hidden_size}->{dense.ffn_size}, layer is {hidden_size}->{ffn_size}")
         if ep_group is None and moe.ep_size > 1:
@@ -191,6 +222,8 @@ class MPOEMoE(MoE):
         self.deepspeed_moe = MoEBlock(gate, experts, TokenDispatcher(moe, ep_group))
         if moe.expert_init == "perturb":
             self._perturb_experts()
+        if not moe.expert_bias:
+            self._freeze_expert_biases()
         self.central_mask, self.aux_mask = self._attach_gradient_masks()
         self._step_hooks: Optional[ExpertHooks] = None  # set by the MoE step protocol for one step
 
@@ -206,29 +239,33 @@ class MPOEMoE(MoE):
         return self.mpo_config.num_cores // 2 if self.config.expert_type == "mpo" else None
 
     def _factors(self, matrix: str) -> tuple[Optional[list[int]], Optional[list[int]]]:
-        return (getattr(self.mpo_config, f"in_factors_{matrix}"), getattr(self.mpo_config, f"out_factors_{matrix}"))
+        # gate has up's shape (D -> F) and is factored like it
+        key = "up" if matrix == "gate" else matrix
+        return (getattr(self.mpo_config, f"in_factors_{key}"), getattr(self.mpo_config, f"out_factors_{key}"))
 
     def _build_template(self, dense: DenseFFN, ep_group: Optional[parallel.ProcessGroup]) -> nn.Module:
         """The expert every local expert copies; sets ``self.central`` (empty for plain experts)."""
         if self.config.expert_type == "ffn":
             self.central = CentralTensors({})
-            return FFNExpert(dense.up_weight, dense.up_bias, dense.down_weight, dense.down_bias)
-        weights = {"up": dense.up_weight, "down": dense.down_weight}
+            return FFNExpert(dense.weights(), dense.biases())
+        weights = dense.weights()
         aux, cores = {}, {}
-        for m in MATRICES:
+        for m in dense.matrices:
             in_f, out_f = self._factors(m)
             try:
                 mpo = decompose(weights[m].float(), in_f, out_f, n=self.mpo_config.num_cores,
                                 max_bond=self.mpo_config.max_bond, rel_tol=self.mpo_config.rel_tol)
             except ValueError as err:
+                key = "up" if m == "gate" else m
                 raise ValueError(f"MoE layer {self.layer_id}, {m} matrix {tuple(weights[m].shape)}: {err}. "
-                                 f"Set mpo.in_factors_{m} / mpo.out_factors_{m} explicitly, or mpo.num_cores") from err
+                                 f"Set mpo.in_factors_{key} / mpo.out_factors_{key} explicitly, "
+                                 f"or mpo.num_cores") from err
             self.decompositions[m] = mpo
             cores[m] = mpo.central
             aux[m] = mpo.auxiliary
         self.central = CentralTensors(cores, ep_group=ep_group, shard=self.config.shard_central,
                                       group_name=self.expert_group_name)
-        return MPOExpert(aux["up"], aux["down"], dense.up_bias.float(), dense.down_bias.float())
+        return MPOExpert(aux, {m: b.float() for m, b in dense.biases().items()})
 
     def _perturb_experts(self) -> None:
         """Relative Gaussian noise on each expert's matrices, seeded by global expert id."""
@@ -241,6 +278,15 @@ class MPOEMoE(MoE):
                         continue
                     noise = torch.randn(p.shape, generator=gen).to(p)
                     p.add_(noise * self.config.init_noise * p.std())
+
+    def _freeze_expert_biases(self) -> None:
+        """``moe.expert_bias: false``: biases must be zero (the FFN had none) and stay so."""
+        for name, p in self.deepspeed_moe.experts.named_parameters():
+            if name.endswith("bias"):
+                if bool(p.detach().any()):
+                    raise ValueError(f"moe.expert_bias=false but expert bias {name} is nonzero; the FFN has biases, "
+                                     f"so set moe.expert_bias: true")
+                p.requires_grad_(False)
 
     def _attach_gradient_masks(self) -> tuple[Optional[GradientMask], Optional[GradientMask]]:
         cfg = self.config
@@ -324,7 +370,7 @@ class MPOEMoE(MoE):
         if not self.central:
             return 0
         total = 0
-        for m in MATRICES:
+        for m in self.config.matrices:
             shapes = [tuple(c.shape) for c in self.deepspeed_moe.experts.deepspeed_experts[0].aux_cores(m)]
             shapes.insert(self._central_index(), tuple(self.central.full_shapes[m]))
             total += reconstruction_macs(shapes) * self.num_local_experts

@@ -15,7 +15,7 @@ else (optimizer groups, the report, the gradient-mask and logging code) asks it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
@@ -103,3 +103,67 @@ def parameter_report(model: nn.Module) -> ParameterReport:
                            expert_local=counts["expert"],
                            expert_global=expert_global,
                            trainable_local=trainable)
+
+
+# --------------------------------------------------------------------------- budget from shapes alone
+
+
+@dataclass(frozen=True)
+class ExpertBudget:
+    """Expert-side parameters of one MoE layer, counted from shapes (nothing allocated).
+
+    ``mpo`` = sum over matrix positions of |central| + E * (|aux| + |bias|);
+    ``plain`` = E * sum over positions of (|W| + |bias|), the standard-MoE
+    baseline with the same widths. The router (D * E) is the same for both and
+    left out.
+    """
+
+    hidden_size: int
+    ffn_size: int
+    num_experts: int
+    gated: bool
+    central: int
+    auxiliary_per_expert: int
+    bias_per_expert: int
+    plain_per_expert: int
+
+    @property
+    def mpo(self) -> int:
+        return self.central + self.num_experts * (self.auxiliary_per_expert + self.bias_per_expert)
+
+    @property
+    def plain(self) -> int:
+        return self.num_experts * self.plain_per_expert
+
+    @property
+    def ratio(self) -> float:
+        """How many times fewer parameters the MPO experts hold than plain experts."""
+        return self.plain / self.mpo
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "mpo": self.mpo, "plain": self.plain, "ratio": self.ratio}
+
+
+def expert_budget(hidden_size: int, ffn_size: int, num_experts: int, gated: bool = False,
+                  num_cores: int = 5, max_bond: Optional[int] = None) -> ExpertBudget:
+    """:class:`ExpertBudget` of a layer of E experts of width D -> F (gated: gate, up, down).
+
+    Uses the same automatic factors and bond dims as conversion
+    (:func:`mpomoe_ds.mpo.factorize`, :func:`mpomoe_ds.mpo.full_bond_dims`,
+    bonds capped at ``max_bond``; None = lossless), so a Llama-7B layer
+    (4096 / 11008) is costed without allocating its 135M-parameter matrices.
+    """
+    from mpomoe_ds.moe.config import ffn_matrices
+    from mpomoe_ds.mpo import factorize, full_bond_dims
+
+    shapes = {m: (ffn_size, hidden_size) if m == "down" else (hidden_size, ffn_size) for m in ffn_matrices(gated)}
+    central = aux = 0
+    for rows, cols in shapes.values():
+        in_f, out_f = factorize(rows, num_cores), factorize(cols, num_cores)
+        bonds = [min(b, max_bond) if max_bond else b for b in full_bond_dims(in_f, out_f)]
+        sizes = [bonds[k] * in_f[k] * out_f[k] * bonds[k + 1] for k in range(num_cores)]
+        central += sizes[num_cores // 2]
+        aux += sum(sizes) - sizes[num_cores // 2]
+    bias = sum(cols for _, cols in shapes.values())
+    plain = sum(rows * cols for rows, cols in shapes.values()) + bias
+    return ExpertBudget(hidden_size, ffn_size, num_experts, gated, central, aux, bias, plain)

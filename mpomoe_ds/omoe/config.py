@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from mpomoe_ds.config import check_choice, fail
-from mpomoe_ds.moe.config import MATRICES
+from mpomoe_ds.moe.config import GATED_MATRICES
 
 PHASES = ("off", "accumulate", "orthogonal")
 
@@ -37,7 +37,8 @@ class OMoEConfig:
         ``alpha_final`` across each accumulating phase (as in OWM, where later
         inputs of a task are protected more strongly); None = constant.
     normalize_inputs: record r / ||r|| instead of r.
-    matrices: which expert matrices are projected: ["up"], ["down"] or both.
+    matrices: which expert matrices are projected: ["up"], ["down"] or both;
+        gated experts also have "gate" (input x, like "up").
     reset: "cycle" (projectors restart from I at every accumulating phase) or
         "never" (keep accumulating over the whole run, as OWM does across tasks).
     projection: "gradient" (project dL/dW_e before the optimizer; MPO and plain
@@ -97,9 +98,10 @@ class OMoEConfig:
             fail(s, "alpha_final", self.alpha_final, "use a finite alpha_final > 0, or null for a constant alpha")
         if isinstance(self.matrices, str):
             self.matrices = [self.matrices]
-        if not self.matrices or any(m not in MATRICES for m in self.matrices) or \
+        if not self.matrices or any(m not in GATED_MATRICES for m in self.matrices) or \
                 len(set(self.matrices)) != len(self.matrices):
-            fail(s, "matrices", self.matrices, f"give a non-empty list of distinct names from {list(MATRICES)}")
+            fail(s, "matrices", self.matrices, f"give a non-empty list of distinct names from {list(GATED_MATRICES)} "
+                 f"('gate' only for gated experts)")
         check_choice(s, "reset", self.reset, RESETS)
         check_choice(s, "projection", self.projection, PROJECTIONS)
 

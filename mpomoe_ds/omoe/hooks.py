@@ -36,6 +36,10 @@ class LayerHooks:
         self.num_local = experts.num_local_experts
         self.num_experts = experts.num_experts
         weights = _weight_shapes(experts)
+        missing = [m for m in config.matrices if m not in weights]
+        if missing:
+            raise ValueError(f"omoe.matrices={list(config.matrices)}: the experts have no {missing} matrix "
+                             f"(they have {list(weights)}); 'gate' exists only for gated experts")
         self.in_dim = {m: weights[m][0] for m in config.matrices}
         self.out_dim = {m: weights[m][1] for m in config.matrices}
         self.dtype = torch.float32
@@ -204,8 +208,8 @@ class LayerHooks:
 def _weight_shapes(experts: MoEExperts) -> dict[str, tuple[int, int]]:
     """(I, O) of each matrix of one expert, without reconstructing anything.
 
-    Read from the biases (up: D -> F, down: F -> D), which both expert types have.
+    Read from the biases (gate, up: D -> F, down: F -> D), which both expert types have.
     """
     expert = experts.deepspeed_experts[0]
     hidden, ffn = expert.down_bias.shape[0], expert.up_bias.shape[0]
-    return {"up": (hidden, ffn), "down": (ffn, hidden)}
+    return {m: (ffn, hidden) if m == "down" else (hidden, ffn) for m in experts.matrices}

@@ -43,8 +43,9 @@ def active_params_per_token(model: nn.Module) -> int:
     dense = sum(p.numel() for p in model.parameters() if parameter_kind(p) == "dense")
     total = dense - _embedding_params(model)
     for _, layer in moe_layers(model):
-        matrices = 3 if getattr(layer, "gated", False) else 2  # gated FFNs have gate, up and down
-        total += layer.config.k * (matrices * layer.hidden_size * layer.ffn_size + layer.hidden_size + layer.ffn_size)
+        matrices = 3 if layer.config.gated else 2  # gated FFNs have gate, up and down
+        biases = (matrices - 1) * layer.ffn_size + layer.hidden_size  # (gate,) up: F each; down: D
+        total += layer.config.k * (matrices * layer.hidden_size * layer.ffn_size + biases)
     return total
 
 

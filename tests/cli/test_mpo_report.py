@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mpomoe_ds.cli import mpo_report
+from mpomoe_ds.models import families
 from mpomoe_ds.models import hf as hf_models
 from mpomoe_ds.mpo import MPO, full_bond_dims, reconstruction_macs
 
@@ -286,7 +287,7 @@ def test_find_ffn_linears_covers_gpt2_bert_and_distilbert_with_heads():
          ["transformer.layer.0", "transformer.layer.1"], (32, 64)),
     ]
     for model, names, (hidden, inner) in cases:
-        found = hf_models.find_ffn_linears(model)
+        found = families.find_ffn_linears(model)
         assert [name for name, _, _ in found] == names, type(model).__name__
         for _, up, down in found:
             assert hf_models.linear_weight_in_out(up).shape == (hidden, inner)
@@ -294,13 +295,13 @@ def test_find_ffn_linears_covers_gpt2_bert_and_distilbert_with_heads():
 
 
 def test_find_ffn_linears_rejects_models_without_ffn():
-    with pytest.raises(ValueError, match="no FFN blocks found in Sequential; supported layouts are bert"):
-        hf_models.find_ffn_linears(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="cannot convert Sequential.*no FFN blocks of a supported family"):
+        families.find_ffn_linears(nn.Sequential(nn.Linear(4, 4)))
 
 
 def test_build_random_model_limits_layers_and_checks_name():
     model = hf_models.build_random_model("minilm", num_layers=2)
-    assert len(hf_models.find_ffn_linears(model)) == 2
+    assert len(families.find_ffn_linears(model)) == 2
     assert hf_models.builtin_num_layers("gpt2-small") == 12
     with pytest.raises(ValueError, match="num_layers=7 for minilm: use 1..6"):
         hf_models.build_random_model("minilm", num_layers=7)

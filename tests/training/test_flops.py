@@ -35,3 +35,14 @@ def test_flops_per_token_and_mfu_formulas():
     n = active_params_per_token(model)
     assert training_flops_per_token(model, num_layers=2, seq_len=16, hidden_size=32) == 6 * n + 6 * 2 * 16 * 32
     assert mfu(1000.0, 2e9, peak_tflops_per_rank=1.0, ranks=2) == pytest.approx(1.0)
+
+
+def test_gated_experts_count_three_matrices():
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    dense = transformers.LlamaForCausalLM(config)
+    dense_active = active_params_per_token(dense)
+    convert_model(dense, MoEConfig(num_experts=4, k=1, layers="all", expert_init="copy"))
+    # k=1: the dense FFN's three matrices, plus per layer the router and the (frozen zero) expert biases.
+    extra = active_params_per_token(dense) - dense_active
+    assert extra == 2 * (4 * 32 + (32 + 64 + 64))

@@ -1,0 +1,1 @@
+"""Files shipped into export folders (not imported by mpomoe_ds)."""
