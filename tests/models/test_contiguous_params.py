@@ -37,9 +37,14 @@ def test_every_convertible_family_is_covered():
     assert set(FAMILY_MODELS) == set(ACTIVATION_ATTRS), "add a model builder for the new family here"
 
 
-@pytest.mark.parametrize("expert_type", ["ffn", "mpo"])
-@pytest.mark.parametrize("build", [b for builders in FAMILY_MODELS.values() for b in builders],
-                         ids=["gpt2", "bert", "minilm"])
+# The pretrained MiniLM only with plain experts: decomposing it for MPO experts costs ~30 s on 2 cores, and
+# MPO cores come out of the SVD sweep contiguous (the tiny BERT checks that path).
+CASES = [(build, expert_type) for builders in FAMILY_MODELS.values() for build in builders
+         for expert_type in ("ffn", "mpo")][:-1]
+
+
+@pytest.mark.parametrize("build, expert_type", CASES,
+                         ids=["gpt2-ffn", "gpt2-mpo", "bert-ffn", "bert-mpo", "minilm-ffn"])
 def test_converted_model_parameters_are_contiguous_and_byte_viewable(build, expert_type):
     model = build()
     convert_model(model, MoEConfig(num_experts=4, expert_type=expert_type))
