@@ -23,10 +23,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What a launcher (or the trainer's one-process start-up) puts in the environment. A child job must never
+# inherit them from the test process: under mpirun every rank would read RANK=0 / WORLD_SIZE=1 and both
+# would bind the same MASTER_PORT.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                 "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
+
+
 def dist_env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     return env
+
+
+@pytest.fixture(autouse=True)
+def no_launcher_variables_leak_between_tests():
+    """An in-process Trainer sets RANK / MASTER_PORT / ... for its world of one; later tests must not see them.
+
+    (Its torch.distributed group is kept: DeepSpeed caches process groups module-wide, so later in-process
+    runs reuse it.)
+    """
+    saved = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def run_two_ranks(script: Path, args: list[str], out_prefix: Path, timeout: int = 600) -> list[dict]:

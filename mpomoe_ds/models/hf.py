@@ -137,6 +137,27 @@ def load_model(name_or_path: str, task: Optional[str] = None, *, weights: bool =
     return model.to(dtype) if dtype is not None else model
 
 
+def load_config(name_or_path: str, *, random_init: bool = False,
+                config_overrides: Optional[dict[str, Any]] = None) -> Any:
+    """The transformers config a run would build its model from, reading nothing but the config.
+
+    ``random_init``: a bare model type ("llama", "t5", ...) is allowed and the
+    overrides apply, as in :func:`load_model` with ``weights=False``.
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` is written as a path but is no folder.
+        OSError: no config can be found (network off and not cached, ...).
+    """
+    import transformers
+
+    path = _model_folder(name_or_path)
+    local = os.path.isdir(path)
+    kwargs: dict[str, Any] = {"local_files_only": True} if local else {}
+    if random_init:
+        return _random_init_config(transformers, path, local, kwargs, config_overrides or {})
+    return transformers.AutoConfig.from_pretrained(path, **kwargs)
+
+
 def _random_init_config(transformers: Any, path: str, local: bool, kwargs: dict[str, Any],
                         overrides: dict[str, Any]) -> Any:
     """The config of a random-weights model: a folder's config.json, or a bare transformers model type.

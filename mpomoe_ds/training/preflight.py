@@ -59,18 +59,15 @@ def check_data_files(config: RunConfig) -> None:
 
 
 def model_positions(config: RunConfig) -> Optional[int]:
-    """The model's number of position embeddings, from its config.json (None if it has no such limit)."""
-    import transformers
+    """The model's number of position embeddings, from its config alone (None if it has no such limit)."""
+    from mpomoe_ds.models.hf import load_config
 
-    from mpomoe_ds.models.hf import resolve_model_name
-
-    path = os.path.expanduser(resolve_model_name(config.model.name_or_path))
-    if not os.path.isdir(path) and path.startswith(("/", "./", "../", "~")):
-        raise ConfigError(f"model.name_or_path={config.model.name_or_path!r}: no such folder; pass a folder with "
-                          f"config.json and the weights, a hub name, or 'minilm'")
-    overrides = config.model.config_overrides if config.model.random_init else {}
     try:
-        model_config = transformers.AutoConfig.from_pretrained(path, local_files_only=os.path.isdir(path), **overrides)
+        model_config = load_config(config.model.name_or_path, random_init=config.model.random_init,
+                                   config_overrides=config.model.config_overrides)
+    except FileNotFoundError as err:
+        raise ConfigError(f"model.name_or_path={config.model.name_or_path!r}: no such folder; pass a folder with "
+                          f"config.json and the weights, a hub name, or 'minilm'") from err
     except OSError as err:
         raise ConfigError(f"model.name_or_path={config.model.name_or_path!r}: cannot read its config.json "
                           f"({str(err).strip().splitlines()[0]}); pass a folder with config.json and the weights, "
