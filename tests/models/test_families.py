@@ -159,17 +159,19 @@ def test_two_rank_expert_parallel_training_equals_one_process(tmp_path, case):
 
 # ----------------------------------------------------------------------------- merged export to native MoE classes
 
-FRESH_LOAD = """
+# Run in a fresh interpreter: load the export with plain transformers, save one output, say what was imported.
+FRESH_PROCESS_LOAD = """
 import json, sys, torch, transformers
 folder = sys.argv[1]
-model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+model = transformers.{auto}.from_pretrained(folder{kwargs}).eval()
 batch = torch.load(folder + "/batch.pt")
 with torch.no_grad():
-    logits = model(**batch).logits
-torch.save(logits, folder + "/fresh_logits.pt")
-print(json.dumps({"class": type(model).__name__,
-                  "mpomoe_ds_imported": any(m.split(".")[0] == "mpomoe_ds" for m in sys.modules)}))
+    out = model(**batch).{output}
+torch.save(out, folder + "/fresh_{output}.pt")
+print(json.dumps({{"class": type(model).__name__,
+                  "mpomoe_ds_imported": any(m.split(".")[0] == "mpomoe_ds" for m in sys.modules)}}))
 """
+FRESH_LOAD = FRESH_PROCESS_LOAD.format(auto="AutoModelForCausalLM", kwargs="", output="logits")
 
 
 @pytest.mark.parametrize("case,layers,target", [("llama-causal-lm", "all", "MixtralForCausalLM"),
@@ -215,17 +217,8 @@ def test_merged_export_refuses_what_mixtral_cannot_compute():
         save_native_moe(model, "/nonexistent")
 
 
-REMOTE_LOAD = """
-import json, sys, torch, transformers
-folder = sys.argv[1]
-model = transformers.AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-batch = torch.load(folder + "/batch.pt")
-with torch.no_grad():
-    hidden = model(**batch).last_hidden_state
-torch.save(hidden, folder + "/fresh_hidden.pt")
-print(json.dumps({"class": type(model).__name__,
-                  "mpomoe_ds_imported": any(m.split(".")[0] == "mpomoe_ds" for m in sys.modules)}))
-"""
+REMOTE_LOAD = FRESH_PROCESS_LOAD.format(auto="AutoModel", kwargs=", trust_remote_code=True",
+                                       output="last_hidden_state")
 
 
 def test_minilm_remote_code_export_loads_without_mpomoe_ds(tmp_path):
@@ -250,4 +243,4 @@ def test_minilm_remote_code_export_loads_without_mpomoe_ds(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"class": "MPOEBertModel",
                                                                 "mpomoe_ds_imported": False}
-    assert (torch.load(folder / "fresh_hidden.pt") - converted).abs().max() < TOL
+    assert (torch.load(folder / "fresh_last_hidden_state.pt") - converted).abs().max() < TOL
