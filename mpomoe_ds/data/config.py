@@ -130,6 +130,10 @@ class DataConfig:
         weight or temperature, :mod:`mpomoe_ds.data.mixture`) instead of
         tasks, and evaluates each corpus's held-out split; ``tasks`` must be
         empty (tasks and corpora are not mixed in one run yet).
+    document_masking: packed corpora only: position ids restart after every
+        EOS and attention does not cross document boundaries inside a packed
+        sequence (decoders: gpt2, llama, mistral, qwen2, qwen3). False = GPT-style
+        packing, attention spans the whole sequence.
     """
 
     tasks: list[TaskEntry] = field(default_factory=list)
@@ -140,6 +144,7 @@ class DataConfig:
     num_workers: int = 0
     remainder: str = "drop"
     corpora: list[CorpusEntry] = field(default_factory=list)
+    document_masking: bool = False
 
     def __post_init__(self) -> None:
         if self.builtin is not None and self.builtin not in BUILTINS:
@@ -155,6 +160,11 @@ class DataConfig:
         if self.remainder not in REMAINDERS:
             fail("data", "remainder", self.remainder, f"choose one of {list(REMAINDERS)}")
         self.corpora = [_coerce_corpus(entry, i) for i, entry in enumerate(self.corpora)]
+        if not isinstance(self.document_masking, bool):
+            fail("data", "document_masking", self.document_masking, "use true or false")
+        if self.document_masking and not self.corpora:
+            fail("data", "document_masking", True, "document masking applies to packed corpora (data.corpora); "
+                 "task rows hold one example each: remove it")
         if self.corpora:
             self._check_corpora()
             return

@@ -7,7 +7,9 @@ j holds tokens [j L, (j+1) L), so every token of the split is in exactly one
 sequence per epoch, and only the last sequence can be short (its tail is
 padding: attention mask 0, label -100, no loss). Documents are concatenated
 across sequence boundaries as in GPT-style pretraining; the EOS between them
-tells the model a new document starts.
+tells the model a new document starts. With document masking
+(:func:`document_position_ids`) the position ids restart after every EOS, and
+the model's attention keeps each document to itself.
 
 Nothing is read at start-up but the index, and a sequence is read from (at
 most two) shard files with ``pread`` when a batch needs it, so start-up time
@@ -44,6 +46,7 @@ class TokenStream:
         self.starts = np.concatenate([[0], np.cumsum([s["tokens"] for s in info["shards"]])]).astype(np.int64)
         self.num_tokens = int(self.starts[-1])
         self.num_documents = int(info["documents"])
+        self.eos_id = int(index["eos_id"])
         self._files: dict[int, int] = {}
 
     def _file(self, k: int) -> int:
@@ -81,6 +84,23 @@ class TokenStream:
         self.close()
 
 
+def document_position_ids(input_ids_BL: np.ndarray, attention_mask_BL: np.ndarray, eos_id: int) -> np.ndarray:
+    """Position ids (B, L) that restart at 0 on the token after every EOS (and at each row's start).
+
+    The EOS ends its document (it keeps the document's positions); padding
+    continues counting, which is harmless: it comes after every real token and
+    has no loss. Hugging Face decoders turn position ids like these into a
+    block-diagonal causal mask when no attention mask is passed.
+    """
+    B, L = input_ids_BL.shape
+    starts_BL = np.zeros((B, L), dtype=bool)
+    starts_BL[:, 0] = True
+    starts_BL[:, 1:] = (input_ids_BL[:, :-1] == eos_id) & (attention_mask_BL[:, :-1] == 1)
+    index_BL = np.broadcast_to(np.arange(L), (B, L))
+    last_start_BL = np.maximum.accumulate(np.where(starts_BL, index_BL, 0), axis=1)
+    return (index_BL - last_start_BL).astype(np.int64)
+
+
 class PackedSequences:
     """A split packed into sequences of ``seq_len`` tokens: ``len()`` sequences, ``rows(indices)`` batches."""
 
@@ -111,6 +131,10 @@ class PackedSequences:
             ids[row, :len(tokens)] = tokens
             mask[row, :len(tokens)] = 1
         return ids, mask
+
+    @property
+    def eos_id(self) -> int:
+        return self.stream.eos_id
 
 
 class PreparedCorpus:

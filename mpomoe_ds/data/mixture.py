@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from mpomoe_ds.data.corpus import PackedSequences
+from mpomoe_ds.data.corpus import PackedSequences, document_position_ids
 
 _CORPUS_STREAM, _PERMUTATION_STREAM = 0x3C0A, 0x9E11  # distinct entropy words per purpose
 _CHUNK = 1024  # samples whose corpus is drawn at once
@@ -147,13 +147,14 @@ class PackedMixtureBatches:
     Each batch: ``input_ids`` / ``attention_mask`` / ``labels`` (B, L) (labels
     are the input ids, -100 on padding; Hugging Face causal LMs shift them),
     ``task_id`` (B,) = ``task_ids[corpus]`` of the first row (the model's lm
-    path does not depend on it). ``tokens_seen`` counts, per corpus, the real
-    tokens this rank has consumed.
+    path does not depend on it); with ``document_masking`` also
+    ``position_ids`` (B, L), restarting after every EOS. ``tokens_seen``
+    counts, per corpus, the real tokens this rank has consumed.
     """
 
     def __init__(self, corpora: Sequence[PackedSequences], names: Sequence[str], task_ids: Sequence[int],
                  probabilities: Sequence[float], batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, document_masking: bool = False) -> None:
         self.corpora = list(corpora)
         self.names = list(names)
         self.task_ids = list(task_ids)
@@ -161,6 +162,7 @@ class PackedMixtureBatches:
         self.sampler = MixtureSampler([len(c) for c in corpora], probabilities, seed)
         self.position = 0  # the next global sample
         self.tokens_seen = {name: 0 for name in self.names}
+        self.document_masking = document_masking
 
     def fingerprint(self) -> tuple:
         """What must be equal on every rank (ranks with other corpora or settings would read other samples)."""
@@ -173,14 +175,20 @@ class PackedMixtureBatches:
         L = self.corpora[0].seq_len
         ids = np.zeros((self.batch_size, L), dtype=np.int64)
         mask = np.zeros((self.batch_size, L), dtype=np.int64)
+        positions = np.zeros((self.batch_size, L), dtype=np.int64)
         for c in np.unique(corpus_B):
             rows = corpus_B == c
             ids[rows], mask[rows] = self.corpora[c].rows(sequence_B[rows])
+            if self.document_masking:
+                positions[rows] = document_position_ids(ids[rows], mask[rows], self.corpora[c].eos_id)
             self.tokens_seen[self.names[c]] += int(mask[rows].sum())
         input_ids, attention_mask = torch.from_numpy(ids), torch.from_numpy(mask)
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": input_ids.masked_fill(attention_mask == 0, -100),
-                "task_id": torch.full((self.batch_size,), self.task_ids[int(corpus_B[0])], dtype=torch.int64)}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "labels": input_ids.masked_fill(attention_mask == 0, -100),
+                 "task_id": torch.full((self.batch_size,), self.task_ids[int(corpus_B[0])], dtype=torch.int64)}
+        if self.document_masking:
+            batch["position_ids"] = torch.from_numpy(positions)
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:

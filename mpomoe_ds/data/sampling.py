@@ -236,7 +236,8 @@ def train_batches(tasks: Sequence[TaskData], config: DataConfig, batch_size: int
         probabilities = mixture_probabilities(tokens, [c.weight for c in config.corpora], config.temperature)
         return PackedMixtureBatches([t.train for t in tasks], [t.spec.name for t in tasks],
                                     [t.task_id for t in tasks], probabilities, batch_size, rank=rank,
-                                    world_size=world_size, seed=config.seed)
+                                    world_size=world_size, seed=config.seed,
+                                    document_masking=config.document_masking)
     return TrainBatches(tasks, batch_size, rank=rank, world_size=world_size, temperature=config.temperature,
                         seed=config.seed, remainder=config.remainder, num_workers=config.num_workers)
 

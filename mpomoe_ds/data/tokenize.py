@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mpomoe_ds.data.config import DataConfig, resolve_task
-from mpomoe_ds.data.corpus import PackedSequences, PreparedCorpus
+from mpomoe_ds.data.corpus import PackedSequences, PreparedCorpus, document_position_ids
 from mpomoe_ds.data.loading import RawSplit, load_task_splits
 from mpomoe_ds.data.tasks import TaskSpec
 
@@ -30,12 +30,15 @@ class EncodedSplit:
     input_ids_NL int32, attention_mask_NL int8 (1 = real token),
     token_type_ids_NL int8 or None (tokenizers without segment ids),
     labels_N int64 / float32, or None for lm (labels come from input_ids).
+    position_ids_NL int64 or None: packed documents with document masking
+    (:func:`mpomoe_ds.data.corpus.document_position_ids`).
     """
 
     input_ids_NL: np.ndarray
     attention_mask_NL: np.ndarray
     token_type_ids_NL: Optional[np.ndarray]
     labels_N: Optional[np.ndarray]
+    position_ids_NL: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return self.input_ids_NL.shape[0]
@@ -126,7 +129,8 @@ def corpus_tasks(config: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> li
         validation = None
         if corpus.validation is not None and entry.max_eval_sequences:
             ids, mask = corpus.validation.rows(np.arange(min(len(corpus.validation), entry.max_eval_sequences)))
-            validation = EncodedSplit(ids.astype(np.int32), mask.astype(np.int8), None, None)
+            positions = document_position_ids(ids, mask, corpus.eos_id) if config.document_masking else None
+            validation = EncodedSplit(ids.astype(np.int32), mask.astype(np.int8), None, None, positions)
         tasks.append(TaskData(task_id=task_id, spec=spec, train=corpus.train, validation=validation,
                               train_source=f"{entry.path} (train)", validation_source=f"{entry.path} (validation)"))
     return tasks
@@ -136,7 +140,8 @@ def make_batch(task: TaskData, split: EncodedSplit, indices_B: np.ndarray) -> di
     """The model inputs for rows ``indices_B`` of ``split``, as int64/float32 CPU tensors.
 
     Keys: input_ids, attention_mask, token_type_ids (when the tokenizer makes
-    them), labels, task_id (B,) (all equal: batches are single-task). For lm
+    them), position_ids (document masking), labels, task_id (B,) (all equal:
+    batches are single-task). For lm
     tasks labels = input_ids with -100 on padding (HF causal LMs shift
     internally). Pop task_id before calling a Hugging Face model.
     """
@@ -145,6 +150,8 @@ def make_batch(task: TaskData, split: EncodedSplit, indices_B: np.ndarray) -> di
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if split.token_type_ids_NL is not None:
         batch["token_type_ids"] = torch.from_numpy(split.token_type_ids_NL[indices_B].astype(np.int64))
+    if split.position_ids_NL is not None:
+        batch["position_ids"] = torch.from_numpy(split.position_ids_NL[indices_B])
     if split.labels_N is None:
         batch["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
     else:

@@ -57,6 +57,11 @@ HF_ACTIVATIONS = {
     "swish": "silu",
 }
 
+# Decoders whose attention keeps packed documents apart when given position ids that restart at every document
+# (transformers' create_causal_mask builds a block-diagonal causal mask from them when attention_mask is None);
+# data.document_masking needs one. tests/models/test_document_masking.py checks each.
+PACKED_DOCUMENT_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"})
+
 # Installs a wrapper around ``layer`` in ``block``: (block, layer, aux, family, index, block name) -> path below block.
 Installer = Callable[[nn.Module, MPOEMoE, MoEAuxCollector, str, int, str], str]
 

@@ -70,10 +70,18 @@ class MultiTaskModel(nn.Module):
         return "token_type_ids" in inspect.signature(self._encoder().forward).parameters
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                task_id: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                task_id: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         task = self.tasks[int(task_id[0])]
         extra = {"token_type_ids": token_type_ids} if token_type_ids is not None and self._takes_token_types() else {}
-        if task.kind == "lm":
+        if task.kind == "lm" and position_ids is not None:
+            # Packed documents (data.document_masking): without an attention mask the decoder builds a
+            # block-diagonal causal mask from position ids that restart per document. Padding is only ever
+            # at the end of a row, after every real token, and carries label -100, so dropping its mask is exact.
+            # No KV cache: with one, transformers skips the packed-sequence mask.
+            out = self.backbone(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False)
+            task_loss, logits = out.loss, out.logits
+        elif task.kind == "lm":
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
             task_loss, logits = out.loss, out.logits
         else:

@@ -2,7 +2,8 @@
 
 Owns: the ds_config against native MoE (ZeRO-3), the output folder being
 writable, every local file the run reads, ``data.max_seq_len`` against the
-model's position embeddings (read from its config.json only), and on
+model's position embeddings and ``data.document_masking`` against the model
+family (both read from its config.json only), and on
 ``--resume`` the current run config against the one the checkpoint was
 trained with.
 
@@ -34,7 +35,9 @@ def check_before_build(config: RunConfig, ds_config: dict[str, Any]) -> None:
     check_zero_for_moe(ds_config)
     check_output_dir(Path(config.train.output_dir))
     check_data_files(config)
-    check_positions(config)
+    model_config = read_model_config(config)
+    check_positions(config, model_config)
+    check_document_masking(config, model_config)
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -49,21 +52,25 @@ def check_output_dir(output_dir: Path) -> None:
 
 
 def check_data_files(config: RunConfig) -> None:
-    """Every local data file named in the data section exists."""
+    """Every local data file and prepared corpus named in the data section exists."""
     for index, task in enumerate(config.data.tasks):
         for name in ("train_file", "validation_file"):
             path = getattr(task, name, None)
             if path is not None and not Path(path).expanduser().is_file():
                 raise ConfigError(f"data.tasks[{index}].{name}={path!r}: no such file; fix the path "
                                   f"(relative paths are taken from {os.getcwd()})")
+    for index, corpus in enumerate(config.data.corpora):
+        if not (Path(corpus.path).expanduser() / "index.json").is_file():
+            raise ConfigError(f"data.corpora[{index}].path={corpus.path!r}: no prepared corpus there (no index.json); "
+                              f"prepare it with mpomoe-prepare SOURCES --out {corpus.path}, or fix the path")
 
 
-def model_positions(config: RunConfig) -> Optional[int]:
-    """The model's number of position embeddings, from its config alone (None if it has no such limit)."""
+def read_model_config(config: RunConfig) -> Any:
+    """The model's transformers config (config.json and overrides only; no weights are read)."""
     from mpomoe_ds.models.hf import load_config
 
     try:
-        model_config = load_config(config.model.name_or_path, random_init=config.model.random_init,
+        return load_config(config.model.name_or_path, random_init=config.model.random_init,
                                    config_overrides=config.model.config_overrides)
     except FileNotFoundError as err:
         raise ConfigError(f"model.name_or_path={config.model.name_or_path!r}: no such folder; pass a folder with "
@@ -72,14 +79,29 @@ def model_positions(config: RunConfig) -> Optional[int]:
         raise ConfigError(f"model.name_or_path={config.model.name_or_path!r}: cannot read its config.json "
                           f"({str(err).strip().splitlines()[0]}); pass a folder with config.json and the weights, "
                           f"a hub name in the cache (HF_HUB_OFFLINE) or reachable, or 'minilm'") from err
+
+
+def model_positions(model_config: Any) -> Optional[int]:
+    """The model's number of position embeddings (None if it has no such limit)."""
     return next((int(getattr(model_config, f)) for f in POSITION_FIELDS if getattr(model_config, f, None)), None)
 
 
-def check_positions(config: RunConfig) -> None:
-    positions = model_positions(config)
+def check_positions(config: RunConfig, model_config: Any) -> None:
+    positions = model_positions(model_config)
     if positions is not None and config.data.max_seq_len > positions:
         raise ConfigError(f"data.max_seq_len={config.data.max_seq_len}: the model {config.model.name_or_path!r} "
                           f"has {positions} position embeddings; use data.max_seq_len <= {positions}")
+
+
+def check_document_masking(config: RunConfig, model_config: Any) -> None:
+    """``data.document_masking`` needs a decoder whose attention builds its mask from position ids."""
+    from mpomoe_ds.models.families import PACKED_DOCUMENT_MODEL_TYPES
+
+    model_type = getattr(model_config, "model_type", None)
+    if config.data.document_masking and model_type not in PACKED_DOCUMENT_MODEL_TYPES:
+        raise ConfigError(f"data.document_masking=true: the model {config.model.name_or_path!r} ({model_type}) "
+                          f"cannot keep attention inside documents; it works with "
+                          f"{sorted(PACKED_DOCUMENT_MODEL_TYPES)}; set data.document_masking=false")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -214,3 +214,25 @@ def test_prepare_command_writes_a_corpus_and_says_what_it_did(tmp_path):
     assert f"train {index['splits']['train']['tokens']:,} tokens / 20 documents" in proc.stdout
     again = subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=300)
     assert "0 part(s) tokenized, 2 reused" in again.stdout
+
+
+def test_document_masking_adds_position_ids_that_restart_after_each_eos(corpus, tokenizer):
+    root, _, _ = corpus
+    cfg = DataConfig(max_seq_len=16, document_masking=True,
+                     corpora=[{"name": "en", "path": str(root / "prepared"), "max_eval_sequences": 8}])
+    tasks = prepare_tasks(cfg, tokenizer)
+    eos = read_index(root / "prepared", tokenizer)["eos_id"]
+    batch = next(iter(train_batches(tasks, cfg, 8, rank=0, world_size=1)))
+    validation = tasks[0].validation
+    for ids, positions in ((batch["input_ids"].numpy(), batch["position_ids"].numpy()),
+                           (validation.input_ids_NL, validation.position_ids_NL)):
+        assert positions.shape == ids.shape and (positions[:, 0] == 0).all()
+        after_eos = np.zeros_like(ids, dtype=bool)
+        after_eos[:, 1:] = ids[:, :-1] == eos
+        assert after_eos.any()  # these rows do cross documents
+        np.testing.assert_array_equal(positions[after_eos], 0)
+        inside = ~after_eos
+        inside[:, 0] = False
+        np.testing.assert_array_equal(positions[:, 1:][inside[:, 1:]], (positions[:, :-1] + 1)[inside[:, 1:]])
+    with pytest.raises(Exception, match="document masking applies to packed corpora"):
+        DataConfig(tasks=["toy_sentiment"], document_masking=True)

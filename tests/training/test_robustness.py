@@ -153,7 +153,7 @@ def _too_late(*args, **kwargs):
     raise AssertionError("data or model work started before the bad input was reported")
 
 
-@pytest.mark.parametrize("case", ["zero3", "output_dir", "max_seq_len", "train_file"])
+@pytest.mark.parametrize("case", ["zero3", "output_dir", "max_seq_len", "train_file", "corpus", "document_masking"])
 def test_bad_input_fails_before_any_data_or_model_work(tmp_path, monkeypatch, case):
     from mpomoe_ds.cli.train import run as train_cli
     from mpomoe_ds.training import trainer
@@ -171,9 +171,18 @@ def test_bad_input_fails_before_any_data_or_model_work(tmp_path, monkeypatch, ca
     elif case == "max_seq_len":
         config["data"]["max_seq_len"] = 1024
         match = r"data.max_seq_len=1024: .* 512 position embeddings; use data.max_seq_len <= 512"
-    else:
+    elif case == "train_file":
         config["data"]["tasks"] = [{"name": "sst2", "train_file": str(tmp_path / "nope.csv")}]
         match = r"data.tasks\[0\].train_file=.*nope.csv.*no such file"
+    elif case == "corpus":
+        config["data"].update(tasks=[], corpora=[{"name": "en", "path": str(tmp_path / "nope")}])
+        match = r"data.corpora\[0\].path=.*nope.*no prepared corpus there.*mpomoe-prepare"
+    else:  # MiniLM is an encoder: its attention cannot be kept inside packed documents
+        (tmp_path / "corpus").mkdir()
+        (tmp_path / "corpus" / "index.json").write_text("{}")
+        config["data"].update(tasks=[], document_masking=True,
+                              corpora=[{"name": "en", "path": str(tmp_path / "corpus")}])
+        match = r"data.document_masking=true: the model 'minilm' \(bert\) cannot keep attention inside documents"
     run, ds_path = write_configs(tmp_path, config, {**json.loads(json.dumps(TINY_DS)), **ds})
     with pytest.raises(Exception, match=match):
         train_cli(["--config", str(run), "--deepspeed_config", str(ds_path)])
