@@ -142,23 +142,27 @@ class TaskSpec:
 
 
 def _glue(name: str, columns: tuple[str, ...], metrics: tuple[str, ...], primary: str = "",
-          num_labels: int = 2, kind: str = "classification", validation_split: str = "validation") -> TaskSpec:
+          num_labels: int = 2, kind: str = "classification", validation_split: str = "validation",
+          label_names: Optional[tuple[str, ...]] = None) -> TaskSpec:
     return TaskSpec(name=name, kind=kind, text_columns=columns, label_column="label", num_labels=num_labels,
                     metrics=metrics, primary_metric=primary, hub_dataset=GLUE_HUB_DATASET, hub_subset=name,
-                    validation_split=validation_split)
+                    validation_split=validation_split, label_names=label_names)
 
 
 def _registry() -> Mapping[str, TaskSpec]:
     specs = [
-        _glue("cola", ("sentence",), ("matthews", "accuracy")),
-        _glue("sst2", ("sentence",), ("accuracy",)),
-        _glue("mrpc", ("sentence1", "sentence2"), ("accuracy", "f1"), primary="f1"),
-        _glue("qqp", ("question1", "question2"), ("accuracy", "f1"), primary="f1"),
+        _glue("cola", ("sentence",), ("matthews", "accuracy"), label_names=("unacceptable", "acceptable")),
+        _glue("sst2", ("sentence",), ("accuracy",), label_names=("negative", "positive")),
+        _glue("mrpc", ("sentence1", "sentence2"), ("accuracy", "f1"), primary="f1",
+              label_names=("not_equivalent", "equivalent")),
+        _glue("qqp", ("question1", "question2"), ("accuracy", "f1"), primary="f1",
+              label_names=("not_duplicate", "duplicate")),
         _glue("stsb", ("sentence1", "sentence2"), ("pearson", "spearman"), num_labels=1, kind="regression"),
-        _glue("mnli", ("premise", "hypothesis"), ("accuracy",), num_labels=3, validation_split="validation_matched"),
-        _glue("qnli", ("question", "sentence"), ("accuracy",)),
-        _glue("rte", ("sentence1", "sentence2"), ("accuracy",)),
-        _glue("wnli", ("sentence1", "sentence2"), ("accuracy",)),
+        _glue("mnli", ("premise", "hypothesis"), ("accuracy",), num_labels=3, validation_split="validation_matched",
+              label_names=("entailment", "neutral", "contradiction")),
+        _glue("qnli", ("question", "sentence"), ("accuracy",), label_names=("entailment", "not_entailment")),
+        _glue("rte", ("sentence1", "sentence2"), ("accuracy",), label_names=("entailment", "not_entailment")),
+        _glue("wnli", ("sentence1", "sentence2"), ("accuracy",), label_names=("not_entailment", "entailment")),
         TaskSpec(name="lm", kind="lm", text_columns=("text",), label_column=None, num_labels=0,
                  metrics=("perplexity", "loss")),
         # The embedded default data set (generated in mpomoe_ds.data.builtin.toy_glue).

@@ -17,7 +17,7 @@ import torch
 from mpomoe_ds.data.config import DataConfig, resolve_task
 from mpomoe_ds.data.corpus import PackedSequences, PreparedCorpus, document_position_ids
 from mpomoe_ds.data.loading import RawSplit, load_task_splits
-from mpomoe_ds.data.tasks import TaskSpec
+from mpomoe_ds.data.tasks import DataError, TaskSpec
 
 if TYPE_CHECKING:  # transformers is slow to import and only needed for the type
     from transformers import PreTrainedTokenizerBase
@@ -92,6 +92,22 @@ class TaskData:
     validation: Optional[EncodedSplit]
     train_source: str = ""
     validation_source: str = ""
+    label_word_ids_CT: Optional[np.ndarray] = None  # text-to-text targets per class, -100 padded
+
+
+def encode_label_words(spec: TaskSpec, tokenizer: "PreTrainedTokenizerBase") -> Optional[np.ndarray]:
+    """(C, T) int64 token ids of each class's label word as a target sequence (the tokenizer's own special
+    tokens, e.g. T5's closing </s>), right-padded with -100; None for tasks without ``label_names``."""
+    if spec.kind != "classification" or not spec.label_names:
+        return None
+    encoded = [tokenizer(word.replace("_", " "))["input_ids"] for word in spec.label_names]
+    if len(set(map(tuple, encoded))) != len(encoded):
+        raise DataError(f"task {spec.name!r}: label_names {list(spec.label_names)} tokenize to equal targets; "
+                        f"give distinct label_names")
+    targets = np.full((len(encoded), max(map(len, encoded))), -100, dtype=np.int64)
+    for c, ids in enumerate(encoded):
+        targets[c, :len(ids)] = ids
+    return targets
 
 
 def prepare_tasks(config: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> list[TaskData]:
@@ -110,7 +126,8 @@ def prepare_tasks(config: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> l
             task_id=task_id, spec=spec,
             train=encode_split(train, tokenizer, config.max_seq_len),
             validation=None if validation is None else encode_split(validation, tokenizer, config.max_seq_len),
-            train_source=train.source, validation_source=validation.source if validation else ""))
+            train_source=train.source, validation_source=validation.source if validation else "",
+            label_word_ids_CT=encode_label_words(spec, tokenizer)))
     return tasks
 
 

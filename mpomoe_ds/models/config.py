@@ -8,6 +8,9 @@ from typing import Any, Optional
 from mpomoe_ds.config import check_choice, fail
 
 POOLINGS = ("mean", "cls", "last")
+# "heads": a linear head per classification/regression task. "text_to_text" (encoder-decoder models, T5): the
+# decoder writes the class's label word, as the T5 and MPOE papers train GLUE.
+OBJECTIVES = ("heads", "text_to_text")
 
 
 MINILM = "minilm"
@@ -27,6 +30,11 @@ class ModelConfig:
     pooling: how classification/regression heads read the sequence: "mean"
         over real tokens, "cls" (first token) or "last" (last real token, for GPT-2).
     head_dropout: dropout before each task head.
+    objective: "heads" (a linear head per classification/regression task) or
+        "text_to_text" (encoder-decoder models such as T5: the decoder is
+        trained to write the gold class's label word (the task's
+        ``label_names``), and a class is predicted by rank classification: the
+        label word with the highest log-likelihood; classification tasks only).
     """
 
     name_or_path: str = MINILM
@@ -35,6 +43,7 @@ class ModelConfig:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     pooling: str = "mean"
     head_dropout: float = 0.1
+    objective: str = "heads"
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -43,5 +52,6 @@ class ModelConfig:
             fail("model", "config_overrides", self.config_overrides,
                   "architecture overrides need random_init: true (pretrained weights fix the shapes)")
         check_choice("model", "pooling", self.pooling, POOLINGS)
+        check_choice("model", "objective", self.objective, OBJECTIVES)
         if not 0.0 <= self.head_dropout < 1.0:
             fail("model", "head_dropout", self.head_dropout, "use a dropout probability in [0, 1)")

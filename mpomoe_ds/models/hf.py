@@ -40,6 +40,7 @@ TASKS = {
     None: "AutoModel",
     "base": "AutoModel",
     "causal-lm": "AutoModelForCausalLM",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
     "masked-lm": "AutoModelForMaskedLM",
     "sequence-classification": "AutoModelForSequenceClassification",
     "architecture": None,  # the class the config's ``architectures[0]`` names
@@ -93,7 +94,8 @@ def load_model(name_or_path: str, task: Optional[str] = None, *, weights: bool =
             ``weights=False`` also a transformers model type (``"llama"``,
             ``"t5"``, ...): its config class's defaults plus the overrides.
         task: which head: ``None``/``"base"`` (bare encoder/decoder),
-            ``"causal-lm"``, ``"masked-lm"``, ``"sequence-classification"``,
+            ``"causal-lm"``, ``"seq2seq-lm"`` (T5 with its LM head),
+            ``"masked-lm"``, ``"sequence-classification"``,
             or ``"architecture"`` (the config's ``architectures[0]`` class).
         weights: load the pretrained weights (a pretrained model comes back in
             eval mode, as transformers returns it). False: only the config is

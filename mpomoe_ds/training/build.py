@@ -45,11 +45,16 @@ def run_tokenizer(config: RunConfig):
 def build_model(config: RunConfig, tasks: Sequence[TaskData],
                 ep_group: Optional[parallel.ProcessGroup]) -> tuple[MultiTaskModel, ConversionReport]:
     """The converted backbone inside a multi-task model, and the conversion report."""
+    text_to_text = config.model.objective == "text_to_text"
     needs_lm_head = any(t.spec.kind == "lm" for t in tasks)
     if config.model.random_init:
         torch.manual_seed(config.train.seed)
-    backbone = load_model(config.model.name_or_path, "causal-lm" if needs_lm_head else None,
+    head = "seq2seq-lm" if text_to_text else "causal-lm" if needs_lm_head else None
+    backbone = load_model(config.model.name_or_path, head,
                           weights=not config.model.random_init, config_overrides=config.model.config_overrides)
+    if text_to_text and getattr(backbone.config, "decoder_start_token_id", None) is None:
+        # T5's convention (its pretrained configs say so); a config built from the model type's defaults lacks it.
+        backbone.config.decoder_start_token_id = backbone.config.pad_token_id
     report = convert_model(backbone, config.moe, config.mpo, ep_group=ep_group)
     if config.train.activation_checkpointing:
         # Non-reentrant: the first forward keeps its autograd graph (the balance loss needs it).
@@ -57,7 +62,9 @@ def build_model(config: RunConfig, tasks: Sequence[TaskData],
     torch.manual_seed(config.train.seed)  # task heads: identical on every rank
     model = MultiTaskModel(backbone, [t.spec for t in tasks], moe_aux=backbone.moe_aux,
                            aux_loss_coef=config.moe.aux_loss_coef, pooling=config.model.pooling,
-                           head_dropout=config.model.head_dropout)
+                           head_dropout=config.model.head_dropout,
+                           label_targets={t.spec.name: torch.from_numpy(t.label_word_ids_CT) for t in tasks
+                                          if text_to_text and t.label_word_ids_CT is not None})
     return model, report
 
 

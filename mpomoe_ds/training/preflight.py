@@ -2,8 +2,9 @@
 
 Owns: the ds_config against native MoE (ZeRO-3), the output folder being
 writable, every local file the run reads, ``data.max_seq_len`` against the
-model's position embeddings and ``data.document_masking`` against the model
-family (both read from its config.json only), and on
+model's position embeddings, ``data.document_masking`` and
+``model.objective`` against the model family and the tasks (read from its
+config.json and the task registry only), and on
 ``--resume`` the current run config against the one the checkpoint was
 trained with.
 
@@ -38,6 +39,7 @@ def check_before_build(config: RunConfig, ds_config: dict[str, Any]) -> None:
     model_config = read_model_config(config)
     check_positions(config, model_config)
     check_document_masking(config, model_config)
+    check_objective(config, model_config)
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -102,6 +104,24 @@ def check_document_masking(config: RunConfig, model_config: Any) -> None:
         raise ConfigError(f"data.document_masking=true: the model {config.model.name_or_path!r} ({model_type}) "
                           f"cannot keep attention inside documents; it works with "
                           f"{sorted(PACKED_DOCUMENT_MODEL_TYPES)}; set data.document_masking=false")
+
+
+def check_objective(config: RunConfig, model_config: Any) -> None:
+    """``model.objective: text_to_text`` needs an encoder-decoder and classification tasks with label words."""
+    from mpomoe_ds.data.config import resolve_task
+
+    if config.model.objective != "text_to_text":
+        return
+    if not getattr(model_config, "is_encoder_decoder", False):
+        raise ConfigError(f"model.objective=text_to_text: {config.model.name_or_path!r} "
+                          f"({getattr(model_config, 'model_type', None)}) has no decoder to write label words; use "
+                          f"an encoder-decoder model (T5) or model.objective=heads")
+    for index, entry in enumerate(config.data.tasks):
+        spec = resolve_task(entry)
+        if spec.kind != "classification" or not spec.label_names:
+            raise ConfigError(f"data.tasks[{index}] ({spec.name}, {spec.kind}): text_to_text trains classification "
+                              f"tasks with label_names (the words the decoder writes); give the task label_names, "
+                              f"or use model.objective=heads")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
