@@ -48,7 +48,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -336,15 +336,18 @@ def export_deepspeed_checkpoint(checkpoint_dir: PathLike, tag: Optional[str], mo
 
 
 def config_model_builder(model: str, moe: MoEConfig, mpo: Optional[MPOConfig] = None,
-                         task: Optional[str] = None) -> Callable[[], nn.Module]:
+                         task: Optional[str] = None,
+                         config_overrides: Optional[dict[str, Any]] = None) -> Callable[[], nn.Module]:
     """A builder: the transformers model described by ``model``'s config.json, converted with ep_size=1.
 
-    Only the config is read (every weight comes from the checkpoint). The
-    class is the one for ``task`` (see :data:`mpomoe_ds.models.hf.TASKS`),
-    else the config's ``architectures[0]``, else the bare ``AutoModel``.
+    Only the config is read (every weight comes from the checkpoint); ``model``
+    may also be a bare model type with ``config_overrides``, as a random-init
+    training run built it. The class is the one for ``task`` (see
+    :data:`mpomoe_ds.models.hf.TASKS`), else the config's ``architectures[0]``,
+    else the bare ``AutoModel``.
     """
     def build() -> nn.Module:
-        built = load_model(model, task or "architecture", weights=False)
+        built = load_model(model, task or "architecture", weights=False, config_overrides=config_overrides)
         convert_model(built, dataclasses.replace(moe, ep_size=1, shard_central=False), mpo)
         return built
 

@@ -83,6 +83,14 @@ def resolve_model_name(name_or_path: str) -> str:
     return minilm_path() if name_or_path == MINILM else name_or_path
 
 
+def backbone_task(objective: str, has_lm_task: bool) -> Optional[str]:
+    """The head a training run loads its backbone with (a :data:`TASKS` key): T5 text-to-text needs the
+    seq2seq LM head, an lm task the causal-LM head; task heads read the bare model."""
+    if objective == "text_to_text":
+        return "seq2seq-lm"
+    return "causal-lm" if has_lm_task else None
+
+
 def load_model(name_or_path: str, task: Optional[str] = None, *, weights: bool = True,
                config_overrides: Optional[dict[str, Any]] = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """The one way mpomoe_ds loads a Hugging Face model: pretrained, or its architecture with random weights.

@@ -16,7 +16,7 @@ import torch
 from mpomoe_ds import parallel
 from mpomoe_ds.data.tokenize import TaskData
 from mpomoe_ds.models.convert import ConversionReport, convert_model
-from mpomoe_ds.models.hf import load_model, load_tokenizer
+from mpomoe_ds.models.hf import backbone_task, load_model, load_tokenizer
 from mpomoe_ds.models.multitask import MultiTaskModel
 from mpomoe_ds.training.engine import initialize, load_ds_config
 from mpomoe_ds.training.run_config import RunConfig
@@ -49,7 +49,7 @@ def build_model(config: RunConfig, tasks: Sequence[TaskData],
     needs_lm_head = any(t.spec.kind == "lm" for t in tasks)
     if config.model.random_init:
         torch.manual_seed(config.train.seed)
-    head = "seq2seq-lm" if text_to_text else "causal-lm" if needs_lm_head else None
+    head = backbone_task(config.model.objective, needs_lm_head)
     backbone = load_model(config.model.name_or_path, head,
                           weights=not config.model.random_init, config_overrides=config.model.config_overrides)
     if text_to_text and getattr(backbone.config, "decoder_start_token_id", None) is None:

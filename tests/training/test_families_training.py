@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -38,6 +39,30 @@ def test_train_cli_trains_a_random_llama_on_causal_lm_and_the_loss_falls(tmp_pat
     metrics = train_cli(["--config", str(write(tmp_path, config)), "--deepspeed_config", str(tmp_path / "ds.json")])
     assert metrics["train_loss_last"] < metrics["train_loss_first"] - 0.5, metrics
     assert metrics["eval"]["toy_lm"]["perplexity"] < 30522 / 10  # far below a uniform guess over the vocabulary
+
+    # The user's next step: export the run's checkpoint for plain transformers (Llama -> Mixtral), with the
+    # model and its head read from the run's own run_config.json. The exported model's held-out loss must be
+    # the one the run reported for its final weights.
+    import torch
+    import transformers
+
+    from mpomoe_ds.cli.export import main as export_cli
+    from mpomoe_ds.data.config import DataConfig
+    from mpomoe_ds.data.tokenize import make_batch, prepare_tasks
+    from mpomoe_ds.models.hf import load_tokenizer
+
+    run_dir = tmp_path / "llama"
+    assert export_cli(["--checkpoint", str(run_dir / "checkpoints"), "--moe-config", str(run_dir / "run_config.json"),
+                       "--out", str(tmp_path / "exported")]) == 0
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    assert type(exported).__name__ == "MixtralForCausalLM"
+    task = prepare_tasks(DataConfig(**config["data"]), load_tokenizer("minilm"))[0]
+    batch = make_batch(task, task.validation, np.arange(len(task.validation)))
+    with torch.no_grad():
+        logits = exported(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="sum")
+    assert float(nll / (labels != -100).sum()) == pytest.approx(metrics["eval"]["toy_lm"]["loss"], rel=1e-4)
 
 
 TINY_T5 = {"name_or_path": "t5", "tokenizer": "minilm", "random_init": True,
