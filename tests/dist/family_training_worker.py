@@ -10,7 +10,9 @@ whole global batch (4 micro-batches, loss averaged). The MoE step protocol
 (:class:`mpomoe_ds.moe.step.MoEStep`) drives both, so masks and per-step
 reconstruction run as in the trainer. Each rank records the per-step loss
 difference and, after training, the largest parameter difference (experts
-compared by global id).
+compared by global id; with ``--shard-central`` the expert-parallel model
+holds 1/2 of each central tensor per rank, compared through the full tensors
+of its state_dict).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", required=True)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--shard-central", action="store_true", help="the expert-parallel model shards central tensors")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
@@ -70,7 +73,7 @@ def main() -> None:
                 module.p = 0.0
             elif isinstance(getattr(module, "dropout", None), float):
                 module.dropout = 0.0
-    convert_model(model, moe)
+    convert_model(model, dataclasses.replace(moe, shard_central=args.shard_central))
     convert_model(reference, dataclasses.replace(moe, ep_size=1))
     num_local = moe.num_experts // world
     ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GA, "gradient_clipping": 0.0,
@@ -105,15 +108,17 @@ def main() -> None:
         result["loss_diff"].append(abs(float(mean) / world - ref_loss))
         result["losses"].append(ref_loss)
 
-    ref_params = dict(reference.named_parameters())
-    result["param_diff"] = max(float((p.detach() - ref_params[reference_name(n, rank, num_local)].detach()).abs().max())
-                               for n, p in engine.module.named_parameters())
+    # state_dict() holds full central tensors in either layout (collective when sharded).
+    state, ref_state = engine.module.state_dict(), reference.state_dict()
+    result["param_diff"] = max(float((t.float() - ref_state[reference_name(n, rank, num_local)].float()).abs().max())
+                               for n, t in state.items() if t.is_floating_point())
     initial = family_zoo.build(args.case)
-    convert_model(initial, moe)
-    start = dict(initial.named_parameters())
-    result["central_moved"] = max(float((p.detach() - start[n].detach()).abs().max())
-                                  for n, p in engine.module.named_parameters() if ".central." in n)
-    result["gated"] = any(".central.gate" in n for n in ref_params)
+    convert_model(initial, dataclasses.replace(moe, ep_size=1))
+    start = initial.state_dict()
+    result["central_moved"] = max(float((t - start[n]).abs().max()) for n, t in ref_state.items() if ".central." in n)
+    result["gated"] = any(".central.gate" in n for n in ref_state)
+    result["central_sharded"] = any(getattr(m, "sharded", False) for m in engine.module.modules()
+                                    if type(m).__name__ == "CentralTensors")
     with open(f"{args.out}.rank{rank}.json", "w") as fh:
         json.dump(result, fh)
     dist.barrier()

@@ -143,15 +143,18 @@ TRAIN_WORKER = ROOT / "tests" / "dist" / "family_training_worker.py"
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["llama-causal-lm", "t5-gated-gelu"])
-def test_two_rank_expert_parallel_training_equals_one_process(tmp_path, case):
-    """Same global batch, 2 accumulation micro-batches per rank, central-gradient mask p=0.5, SGD, 3 steps.
+@pytest.mark.parametrize("case, shard_central", [("llama-causal-lm", False), ("t5-gated-gelu", False),
+                                                 ("llama-causal-lm", True)])
+def test_two_rank_expert_parallel_training_equals_one_process(tmp_path, case, shard_central):
+    """Same global batch, 2 accumulation micro-batches per rank, central-gradient mask p=0.5, SGD, 3 steps;
+    gated experts, with replicated and (Llama) sharded central tensors.
 
     fp32 tolerance: 1e-5 on the loss, 1e-6 on every parameter (summation-order roundoff).
     """
-    ranks = run_two_ranks(TRAIN_WORKER, ["--case", case, "--steps", "3"], tmp_path / "r")
+    extra = ["--shard-central"] if shard_central else []
+    ranks = run_two_ranks(TRAIN_WORKER, ["--case", case, "--steps", "3", *extra], tmp_path / "r")
     for r in ranks:
-        assert r["gated"]
+        assert r["gated"] and r["central_sharded"] == shard_central
         assert len(r["loss_diff"]) == 3 and max(r["loss_diff"]) < 1e-5, r["loss_diff"]
         assert r["param_diff"] < 1e-6
         assert r["central_moved"] > 1e-5  # the masked central tensors still trained
