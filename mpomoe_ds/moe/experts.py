@@ -86,6 +86,10 @@ def recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _stored_as_is(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def _own_parameter(tensor: torch.Tensor) -> nn.Parameter:
     """A parameter holding a contiguous copy of ``tensor``.
 
@@ -149,6 +153,9 @@ class MoEExperts(Experts):
         self.global_expert_ids = list(range(num_local_experts))
         self._micro_batch: Optional[tuple[int, bool]] = None
         self._step: Optional[StepReconstruction] = None
+        # The weights the current micro-batch's forward took from the step cache, for an activation-checkpointing
+        # recomputation of that forward to replay (dropped at the next micro-batch).
+        self._replay: Optional[dict[str, torch.Tensor]] = None
 
     @property
     def matrices(self) -> tuple[str, ...]:
@@ -176,8 +183,10 @@ class MoEExperts(Experts):
         MPO experts then rebuild their weights once per step
         (:class:`StepReconstruction`); gradients stay exact. Requirements: one
         training forward and backward per micro-batch, in order, on every rank
-        alike (no activation checkpointing that re-runs this layer's forward:
-        under it, use ``index=None``, i.e. ``MoEStep(per_step_reconstruction=False)``).
+        alike. Activation checkpointing may re-run the forward inside the
+        backward: the recomputation gets the very weights the forward got (it
+        only regenerates saved activations; gradients flow through the first
+        forward's graph), so the cache stays exact under it.
         ``index=None`` returns to rebuilding in every forward. A forward
         outside training or under ``torch.no_grad()`` ignores the setting.
 
@@ -185,6 +194,7 @@ class MoEExperts(Experts):
             RuntimeError: index 0 while an earlier step's accumulated weight
                 gradient was never handed to a last micro-batch (it would be lost).
         """
+        self._replay = None
         if index is None:
             self._step = None
         elif index == 0 and self._step is not None:
@@ -240,20 +250,24 @@ class MoEExperts(Experts):
     def _training_weights(self, central: Optional[dict[str, torch.Tensor]],
                           active_L: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The weights of this forward: from the per-step reconstruction, or rebuilt now."""
+        if recomputing() and self._replay is not None:
+            # Activation checkpointing re-runs this micro-batch's forward to regenerate saved activations:
+            # the same cached weights (no second step-gradient hook, no pending count).
+            return {m: w.view_as(w) for m, w in self._replay.items()}
         if not self._cache_in_use():
             return self.expert_weights(central, active_L)
-        if recomputing():
-            raise RuntimeError(
-                "activation checkpointing re-ran an MoE layer that takes its weights from the per-step "
-                "reconstruction, which a recomputation cannot replay; with checkpointing build the MoE step as "
-                "MoEStep(model, per_step_reconstruction=False) (the trainer does when train.activation_checkpointing "
-                "is true): experts are then rebuilt in every forward and recomputation, gradients exact")
         if self._step is None:
-            self._step = StepReconstruction(self.expert_weights(central))
+            # The step's reconstruction graph outlives this micro-batch (the last one back-propagates through it),
+            # so its saved tensors are stored as they are, not packed by an enclosing activation checkpoint (which
+            # would recompute this micro-batch to unpack them, and count them in its replay check).
+            with torch.autograd.graph.saved_tensors_hooks(_stored_as_is, _stored_as_is):
+                self._step = StepReconstruction(self.expert_weights(central))
         if not self._micro_batch[1]:
-            return self._step.accumulating_weights()
-        step, self._step, self._micro_batch = self._step, None, None
-        return step.final_weights()
+            self._replay = self._step.accumulating_weights()
+        else:
+            step, self._step, self._micro_batch = self._step, None, None
+            self._replay = step.final_weights()
+        return self._replay
 
     def biases(self) -> dict[str, torch.Tensor]:
         return {m: torch.stack([getattr(e, f"{m}_bias") for e in self.deepspeed_experts]) for m in self.matrices}

@@ -55,9 +55,9 @@ class MoEStep:
             ``module`` too).
         participants: objects acting around steps, in the order they are told.
         per_step_reconstruction: MPO experts rebuild their weights once per
-            optimizer step under gradient accumulation; False rebuilds them in
-            every forward, which activation checkpointing needs (its
-            recomputation must replay the forward exactly).
+            optimizer step under gradient accumulation (also under activation
+            checkpointing: a recomputation replays the cached weights); False
+            rebuilds them in every forward.
     """
 
     def __init__(self, model: nn.Module, participants: Sequence[StepParticipant] = (),

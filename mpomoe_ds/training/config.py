@@ -57,8 +57,8 @@ class TrainConfig:
     (None = the whole validation split). progress_bar / tensorboard: rank-0 output.
     activation_checkpointing: recompute each transformer block's activations
     in the backward pass (Hugging Face ``gradient_checkpointing_enable`` with
-    torch's non-reentrant checkpoint); MoE layers stay exact, see
-    :mod:`mpomoe_ds.moe.layer`.
+    torch's non-reentrant checkpoint); MoE layers stay exact and keep the
+    per-step reconstruction, see :mod:`mpomoe_ds.moe.experts`.
     peak_tflops: the peak dense TFLOP/s of one rank's device in the training
     precision (e.g. 989 for an H100 SXM in bf16); with it the log shows the
     model FLOPs utilisation ``train/mfu`` (null: achieved TFLOP/s only).

@@ -70,8 +70,7 @@ class Trainer:
         self.batches = train_batches(self.tasks, cfg.data, micro, rank=self.rank, world_size=self.world)
         check_same_plan(self.batches.sampler)
         self.omoe = self._build_omoe()
-        self.moe_step = MoEStep(self.model, participants=[self.omoe] if self.omoe is not None else [],
-                                per_step_reconstruction=not cfg.train.activation_checkpointing)
+        self.moe_step = MoEStep(self.model, participants=[self.omoe] if self.omoe is not None else [])
         self.start_step = self._maybe_resume()
         self._write_run_files()
         self.monitor = Monitor(self.rank, self.output_dir, cfg.train.max_steps, self.start_step,

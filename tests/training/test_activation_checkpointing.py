@@ -1,8 +1,8 @@
 """Activation checkpointing (train.activation_checkpointing) gives the same losses and gradients as without it.
 
 fp32, gradient accumulation 2, dropout on (the recomputation must replay it),
-1 process and 2 real ranks with ep_size 2. Without checkpointing MPO experts use
-the per-step reconstruction; with it they are rebuilt in every forward.
+1 process and 2 real ranks with ep_size 2. MPO experts use the per-step
+reconstruction either way (a recomputation replays the cached weights).
 """
 
 from __future__ import annotations
