@@ -44,7 +44,7 @@ def run_model(run_config_path: PathLike) -> tuple[ModelConfig, Optional[str]]:
     model = from_dict(ModelConfig, data["model"], "model")
     data_config = from_dict(DataConfig, data.get("data", {}), "data")
     has_lm = bool(data_config.corpora) or any(resolve_task(t).kind == "lm" for t in data_config.tasks)
-    return model, backbone_task(model.objective, has_lm)
+    return model, backbone_task(model.objective, has_lm, data_config.span_corruption is not None)
 
 
 def build_parser() -> argparse.ArgumentParser:

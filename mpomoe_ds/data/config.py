@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from mpomoe_ds.config import ConfigError, fail, from_dict
+from mpomoe_ds.config import ConfigError, fail, from_dict, to_dict
 from mpomoe_ds.data.builtin import BUILTINS, builtin_task_names
 from mpomoe_ds.data.tasks import METRICS_BY_KIND, TASKS, DataError, TaskSpec, task_names
 
@@ -106,6 +106,18 @@ class CorpusEntry:
 
 
 @dataclass
+class SpanCorruptionEntry:
+    """T5 span corruption of packed corpora (:mod:`mpomoe_ds.data.span_corruption`).
+
+    noise_density: share of each sequence's tokens masked out (T5: 0.15).
+    mean_noise_span_length: mean length of a masked span (T5: 3).
+    """
+
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+
+
+@dataclass
 class DataConfig:
     """The data section of the run config.
 
@@ -145,6 +157,7 @@ class DataConfig:
     remainder: str = "drop"
     corpora: list[CorpusEntry] = field(default_factory=list)
     document_masking: bool = False
+    span_corruption: Optional[SpanCorruptionEntry] = None
 
     def __post_init__(self) -> None:
         if self.builtin is not None and self.builtin not in BUILTINS:
@@ -165,6 +178,8 @@ class DataConfig:
         if self.document_masking and not self.corpora:
             fail("data", "document_masking", True, "document masking applies to packed corpora (data.corpora); "
                  "task rows hold one example each: remove it")
+        if self.span_corruption is not None:
+            self._check_span_corruption()
         if self.corpora:
             self._check_corpora()
             return
@@ -180,6 +195,25 @@ class DataConfig:
             fail("data", "tasks", names, f"task names must be unique, {duplicates} repeat; rename a custom copy")
         for i, entry in enumerate(self.tasks):
             _validate_entry(entry, i, self.builtin)
+
+    def _check_span_corruption(self) -> None:
+        if isinstance(self.span_corruption, dict):
+            self.span_corruption = from_dict(SpanCorruptionEntry, self.span_corruption, "data.span_corruption")
+        elif not isinstance(self.span_corruption, SpanCorruptionEntry):
+            fail("data", "span_corruption", self.span_corruption,
+                 "give a mapping (noise_density, mean_noise_span_length), {} for T5's defaults, or null")
+        span = self.span_corruption
+        if not self.corpora:
+            fail("data", "span_corruption", to_dict(span), "span corruption applies to packed corpora "
+                 "(data.corpora); downstream tasks train T5 with model.objective=text_to_text")
+        if self.document_masking:
+            fail("data", "document_masking", True, "span corruption gives every sequence to the encoder whole; "
+                 "document masking is for decoders: remove one of them")
+        if not 0.0 < span.noise_density < 1.0:
+            fail("data", "span_corruption.noise_density", span.noise_density, "use a share in (0, 1), e.g. 0.15")
+        if not span.mean_noise_span_length >= 1.0:
+            fail("data", "span_corruption.mean_noise_span_length", span.mean_noise_span_length,
+                 "use a mean span length >= 1, e.g. 3")
 
     def _check_corpora(self) -> None:
         if self.tasks:

@@ -27,12 +27,13 @@ over corpus sizes in tokens, ``p_c ~ n_c^(1/T)`` (see
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from mpomoe_ds.data.corpus import PackedSequences, document_position_ids
+from mpomoe_ds.data.span_corruption import SpanCorruption, train_key
 
 _CORPUS_STREAM, _PERMUTATION_STREAM = 0x3C0A, 0x9E11  # distinct entropy words per purpose
 _CHUNK = 1024  # samples whose corpus is drawn at once
@@ -148,13 +149,16 @@ class PackedMixtureBatches:
     are the input ids, -100 on padding; Hugging Face causal LMs shift them),
     ``task_id`` (B,) = ``task_ids[corpus]`` of the first row (the model's lm
     path does not depend on it); with ``document_masking`` also
-    ``position_ids`` (B, L), restarting after every EOS. ``tokens_seen``
+    ``position_ids`` (B, L), restarting after every EOS; with
+    ``span_corruption`` the rows are T5 encoder inputs and ``labels`` their
+    decoder targets (:mod:`mpomoe_ds.data.span_corruption`). ``tokens_seen``
     counts, per corpus, the real tokens this rank has consumed.
     """
 
     def __init__(self, corpora: Sequence[PackedSequences], names: Sequence[str], task_ids: Sequence[int],
                  probabilities: Sequence[float], batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, document_masking: bool = False) -> None:
+                 seed: int = 0, document_masking: bool = False,
+                 span_corruption: Optional[SpanCorruption] = None) -> None:
         self.corpora = list(corpora)
         self.names = list(names)
         self.task_ids = list(task_ids)
@@ -163,6 +167,7 @@ class PackedMixtureBatches:
         self.position = 0  # the next global sample
         self.tokens_seen = {name: 0 for name in self.names}
         self.document_masking = document_masking
+        self.span_corruption = span_corruption
 
     def fingerprint(self) -> tuple:
         """What must be equal on every rank (ranks with other corpora or settings would read other samples)."""
@@ -182,10 +187,15 @@ class PackedMixtureBatches:
             if self.document_masking:
                 positions[rows] = document_position_ids(ids[rows], mask[rows], self.corpora[c].eos_id)
             self.tokens_seen[self.names[c]] += int(mask[rows].sum())
+        task_id = torch.full((self.batch_size,), self.task_ids[int(corpus_B[0])], dtype=torch.int64)
+        if self.span_corruption is not None:
+            keys = [train_key(g) for g in range(start, start + self.batch_size)]
+            inputs, inputs_mask, targets = self.span_corruption.batch(ids, mask, keys)
+            return {"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(inputs_mask),
+                    "labels": torch.from_numpy(targets), "task_id": task_id}
         input_ids, attention_mask = torch.from_numpy(ids), torch.from_numpy(mask)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "labels": input_ids.masked_fill(attention_mask == 0, -100),
-                 "task_id": torch.full((self.batch_size,), self.task_ids[int(corpus_B[0])], dtype=torch.int64)}
+                 "labels": input_ids.masked_fill(attention_mask == 0, -100), "task_id": task_id}
         if self.document_masking:
             batch["position_ids"] = torch.from_numpy(positions)
         return batch

@@ -237,7 +237,8 @@ def train_batches(tasks: Sequence[TaskData], config: DataConfig, batch_size: int
         return PackedMixtureBatches([t.train for t in tasks], [t.spec.name for t in tasks],
                                     [t.task_id for t in tasks], probabilities, batch_size, rank=rank,
                                     world_size=world_size, seed=config.seed,
-                                    document_masking=config.document_masking)
+                                    document_masking=config.document_masking,
+                                    span_corruption=tasks[0].span_corruption)
     return TrainBatches(tasks, batch_size, rank=rank, world_size=world_size, temperature=config.temperature,
                         seed=config.seed, remainder=config.remainder, num_workers=config.num_workers)
 

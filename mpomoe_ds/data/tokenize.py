@@ -17,6 +17,7 @@ import torch
 from mpomoe_ds.data.config import DataConfig, resolve_task
 from mpomoe_ds.data.corpus import PackedSequences, PreparedCorpus, document_position_ids
 from mpomoe_ds.data.loading import RawSplit, load_task_splits
+from mpomoe_ds.data.span_corruption import SpanCorruption, sentinel_ids, validation_key
 from mpomoe_ds.data.tasks import DataError, TaskSpec
 
 if TYPE_CHECKING:  # transformers is slow to import and only needed for the type
@@ -29,7 +30,8 @@ class EncodedSplit:
 
     input_ids_NL int32, attention_mask_NL int8 (1 = real token),
     token_type_ids_NL int8 or None (tokenizers without segment ids),
-    labels_N int64 / float32, or None for lm (labels come from input_ids).
+    labels_N int64 / float32, or None for lm (labels come from input_ids);
+    (N, T) int64 decoder targets for span-corrupted corpora.
     position_ids_NL int64 or None: packed documents with document masking
     (:func:`mpomoe_ds.data.corpus.document_position_ids`).
     """
@@ -93,6 +95,7 @@ class TaskData:
     train_source: str = ""
     validation_source: str = ""
     label_word_ids_CT: Optional[np.ndarray] = None  # text-to-text targets per class, -100 padded
+    span_corruption: Optional[SpanCorruption] = None  # packed corpora under T5 span corruption
 
 
 def encode_label_words(spec: TaskSpec, tokenizer: "PreTrainedTokenizerBase") -> Optional[np.ndarray]:
@@ -143,14 +146,29 @@ def corpus_tasks(config: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> li
         corpus = PreparedCorpus(entry.path, config.max_seq_len, tokenizer)
         spec = TaskSpec(name=entry.name, kind="lm", text_columns=("text",), label_column=None, num_labels=0,
                         metrics=("perplexity", "loss"), primary_metric="perplexity")
+        span = None
+        if config.span_corruption is not None:
+            span = SpanCorruption(config.span_corruption.noise_density, config.span_corruption.mean_noise_span_length,
+                                  sentinel_ids(tokenizer), corpus.eos_id, config.seed)
         validation = None
         if corpus.validation is not None and entry.max_eval_sequences:
             ids, mask = corpus.validation.rows(np.arange(min(len(corpus.validation), entry.max_eval_sequences)))
-            positions = document_position_ids(ids, mask, corpus.eos_id) if config.document_masking else None
-            validation = EncodedSplit(ids.astype(np.int32), mask.astype(np.int8), None, None, positions)
+            validation = _held_out_split(ids, mask, corpus.eos_id, config.document_masking, span, task_id)
         tasks.append(TaskData(task_id=task_id, spec=spec, train=corpus.train, validation=validation,
-                              train_source=f"{entry.path} (train)", validation_source=f"{entry.path} (validation)"))
+                              train_source=f"{entry.path} (train)", validation_source=f"{entry.path} (validation)",
+                              span_corruption=span))
     return tasks
+
+
+def _held_out_split(ids_NL: np.ndarray, mask_NL: np.ndarray, eos_id: int, document_masking: bool,
+                    span: Optional[SpanCorruption], corpus: int) -> EncodedSplit:
+    """A corpus's held-out packed rows as the model reads them: plain, with document positions, or corrupted
+    (encoder inputs, decoder targets as 2-D labels)."""
+    if span is not None:
+        inputs, mask, targets = span.batch(ids_NL, mask_NL, [validation_key(corpus, r) for r in range(len(ids_NL))])
+        return EncodedSplit(inputs.astype(np.int32), mask.astype(np.int8), None, targets)
+    positions = document_position_ids(ids_NL, mask_NL, eos_id) if document_masking else None
+    return EncodedSplit(ids_NL.astype(np.int32), mask_NL.astype(np.int8), None, None, positions)
 
 
 def make_batch(task: TaskData, split: EncodedSplit, indices_B: np.ndarray) -> dict[str, torch.Tensor]:

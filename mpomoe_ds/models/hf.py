@@ -83,10 +83,10 @@ def resolve_model_name(name_or_path: str) -> str:
     return minilm_path() if name_or_path == MINILM else name_or_path
 
 
-def backbone_task(objective: str, has_lm_task: bool) -> Optional[str]:
-    """The head a training run loads its backbone with (a :data:`TASKS` key): T5 text-to-text needs the
-    seq2seq LM head, an lm task the causal-LM head; task heads read the bare model."""
-    if objective == "text_to_text":
+def backbone_task(objective: str, has_lm_task: bool, span_corruption: bool = False) -> Optional[str]:
+    """The head a training run loads its backbone with (a :data:`TASKS` key): T5 text-to-text and span
+    corruption need the seq2seq LM head, an lm task the causal-LM head; task heads read the bare model."""
+    if objective == "text_to_text" or span_corruption:
         return "seq2seq-lm"
     return "causal-lm" if has_lm_task else None
 

@@ -49,10 +49,10 @@ def build_model(config: RunConfig, tasks: Sequence[TaskData],
     needs_lm_head = any(t.spec.kind == "lm" for t in tasks)
     if config.model.random_init:
         torch.manual_seed(config.train.seed)
-    head = backbone_task(config.model.objective, needs_lm_head)
+    head = backbone_task(config.model.objective, needs_lm_head, config.data.span_corruption is not None)
     backbone = load_model(config.model.name_or_path, head,
                           weights=not config.model.random_init, config_overrides=config.model.config_overrides)
-    if text_to_text and getattr(backbone.config, "decoder_start_token_id", None) is None:
+    if head == "seq2seq-lm" and getattr(backbone.config, "decoder_start_token_id", None) is None:
         # T5's convention (its pretrained configs say so); a config built from the model type's defaults lacks it.
         backbone.config.decoder_start_token_id = backbone.config.pad_token_id
     report = convert_model(backbone, config.moe, config.mpo, ep_group=ep_group)

@@ -28,6 +28,8 @@ def evaluate(engine: Any, tasks: Sequence[TaskData], config: RunConfig, rank: in
     model = engine.module
     model.eval()
     micro = engine.train_micro_batch_size_per_gpu()
+    # An encoder-decoder's logits are aligned with its labels (decoder targets); a decoder's predict the next token.
+    seq2seq = bool(getattr(getattr(getattr(model, "backbone", None), "config", None), "is_encoder_decoder", False))
     results = {}
     for task in tasks:
         if task.validation is None:
@@ -41,7 +43,7 @@ def evaluate(engine: Any, tasks: Sequence[TaskData], config: RunConfig, rank: in
             masks.append(mask)
             indices.append(index)
             labels.append(batch["labels"])
-            preds.append(_eval_predictions(task.spec.kind, out, batch))
+            preds.append(_eval_predictions(task.spec.kind, out, batch, seq2seq))
         # With max_eval_batches the evaluated set is the first (batches x global batch) examples.
         covered = min(len(task.validation), len(masks) * micro * world)
         predictions, gold = gather_eval(torch.cat(indices), torch.cat(preds), torch.cat(labels), torch.cat(masks),
@@ -51,10 +53,10 @@ def evaluate(engine: Any, tasks: Sequence[TaskData], config: RunConfig, rank: in
     return results
 
 
-def _eval_predictions(kind: str, out: dict, batch: dict) -> torch.Tensor:
+def _eval_predictions(kind: str, out: dict, batch: dict, seq2seq: bool = False) -> torch.Tensor:
     logits = out["logits"].float().cpu()
     if kind == "lm":  # per-row summed token NLL, for perplexity
-        shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+        shift_logits, shift_labels = (logits, batch["labels"]) if seq2seq else (logits[:, :-1], batch["labels"][:, 1:])
         nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, reduction="none",
                                                 ignore_index=-100)
         return torch.stack([nll.sum(1), (shift_labels != -100).sum(1).float()], dim=1)

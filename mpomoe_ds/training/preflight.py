@@ -40,6 +40,7 @@ def check_before_build(config: RunConfig, ds_config: dict[str, Any]) -> None:
     check_positions(config, model_config)
     check_document_masking(config, model_config)
     check_objective(config, model_config)
+    check_corpus_objective(config, model_config)
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -122,6 +123,20 @@ def check_objective(config: RunConfig, model_config: Any) -> None:
             raise ConfigError(f"data.tasks[{index}] ({spec.name}, {spec.kind}): text_to_text trains classification "
                               f"tasks with label_names (the words the decoder writes); give the task label_names, "
                               f"or use model.objective=heads")
+
+
+def check_corpus_objective(config: RunConfig, model_config: Any) -> None:
+    """Pretraining corpora: decoders pack for causal LM, encoder-decoders need ``data.span_corruption``."""
+    if not config.data.corpora:
+        return
+    seq2seq = bool(getattr(model_config, "is_encoder_decoder", False))
+    model = f"{config.model.name_or_path!r} ({getattr(model_config, 'model_type', None)})"
+    if seq2seq and config.data.span_corruption is None:
+        raise ConfigError(f"data.corpora with the encoder-decoder {model}: pretrain it with T5 span corruption, "
+                          f"data.span_corruption: {{}} (noise_density 0.15, mean_noise_span_length 3)")
+    if not seq2seq and config.data.span_corruption is not None:
+        raise ConfigError(f"data.span_corruption: {model} has no decoder for the targets; remove "
+                          f"data.span_corruption (decoders pretrain as causal LMs) or use a T5 model")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -109,3 +109,44 @@ def test_two_rank_pretraining_with_document_masking_trains_on_other_attention(se
         assert after["perplexity"] < before["perplexity"]
         # Same initial weights and held-out rows: only the attention pattern differs, so the loss does too.
         assert before["loss"] != pytest.approx(ordinary["untrained_eval"][corpus]["loss"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def t5_setup(tmp_path_factory):
+    """A corpus prepared with MiniLM's tokenizer plus 100 T5 sentinels, and a tiny T5 1.1 config folder."""
+    import transformers
+
+    from mpomoe_ds.data.prepare import prepare_corpus
+    from mpomoe_ds.models.hf import load_tokenizer
+
+    root = tmp_path_factory.mktemp("pretrain_t5")
+    tokenizer = load_tokenizer("minilm")
+    tokenizer.add_special_tokens({"additional_special_tokens": [f"<extra_id_{i}>" for i in range(100)]})
+    tokenizer.save_pretrained(root / "tokenizer")
+    write_corpus(root / "src", files=1, docs_per_file=80, seed=2)
+    prepare_corpus([str(root / "src")], str(root / "tokenizer"), root / "c", load_tokenizer=load_tokenizer,
+                   validation_fraction=0.1, progress=False)
+    transformers.T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                          feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
+                          dropout_rate=0.0).save_pretrained(root / "model")
+    return root
+
+
+@pytest.mark.distributed
+def test_two_rank_t5_span_corruption_pretraining_lowers_held_out_perplexity(t5_setup, tmp_path):
+    root, out = t5_setup, tmp_path / "t5"
+    config = {
+        "model": {"name_or_path": str(root / "model"), "tokenizer": str(root / "tokenizer"), "random_init": True},
+        "moe": {"num_experts": 4, "layers": "all"},
+        "data": {"max_seq_len": 32, "span_corruption": {},
+                 "corpora": [{"name": "c", "path": str(root / "c"), "max_eval_sequences": 16}]},
+        "optim": {"lr": 3e-3, "warmup_steps": 0, "schedule": "constant"},
+        "train": {"max_steps": 8, "log_every": 4, "eval_at_start": True, "output_dir": str(out),
+                  "diversity_tokens": 32, "progress_bar": False},
+    }
+    path = tmp_path / "t5.yaml"
+    path.write_text(yaml.safe_dump(config))
+    train(path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    before, after = metrics["untrained_eval"]["c"], metrics["eval"]["c"]
+    assert after["perplexity"] < 0.5 * before["perplexity"], (before, after)
