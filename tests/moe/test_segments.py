@@ -21,6 +21,8 @@ from mpomoe_ds.moe.layer import MPOEMoE
 from mpomoe_ds.moe.token_dispatcher import SegmentDispatcher, TokenDispatcher, _block_major_swap
 from mpomoe_ds.mpo.config import MPOConfig
 
+from conftest import ROOT, run_two_ranks
+
 TOL = 1e-5
 
 
@@ -163,3 +165,25 @@ def test_expert_hooks_observe_the_same_per_expert_inputs():
     for m in ("up", "down"):
         assert recorded[0][m].abs().max() > 0
         assert (recorded[0][m] - recorded[1][m]).abs().max() < TOL
+
+
+WORKER = ROOT / "tests" / "dist" / "segments_worker.py"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero,expert_type,gated", [(0, "mpo", False), (2, "mpo", True), (2, "ffn", False),
+                                                    (0, "ffn", True)])
+def test_two_rank_segments_equal_padded_and_single_process(tmp_path, zero, expert_type, gated):
+    """ep 2 on 2 real ranks, gradient accumulation 2: loss, accumulated gradients, parameters after 3 steps."""
+    args = ["--zero", str(zero), "--expert-type", expert_type, "--steps", "3", "--grad-accum", "2"]
+    ranks = run_two_ranks(WORKER, args + (["--gated"] if gated else []), tmp_path / "result")
+    for r in ranks:
+        for impl in ("padded", "segments"):
+            assert len(r["loss_diff"][impl]) == 6 and max(r["loss_diff"][impl]) < 1e-5, r["loss_diff"]
+            assert len(r["grad_diff"][impl]) == 3 and max(r["grad_diff"][impl]) < 1e-6, r["grad_diff"]
+            assert r["param_diff"][impl] < 1e-6
+        assert max(r["segments_vs_padded_grad"]) < 1e-6 and r["num_grads"] > 6
+        assert r["params_moved"] > 1e-3  # the comparison is over trained parameters
+        # computed rows: exactly the routes to this rank's experts without padding, more with it
+        assert r["rows"]["segments"] == r["routed_rows"]
+        assert all(p > s for p, s in zip(r["rows"]["padded"], r["rows"]["segments"]))
