@@ -8,9 +8,13 @@ segment l is ``segments_L[l]`` consecutive rows, all multiplied by ``W[l]``.
 where it runs: checked on torch 2.13's CPU build for float32 / bfloat16 /
 float16, forward and backward, empty segments included (bit-identical to the
 loop in float32), with the kernel's requirement that every row stride is a
-multiple of 16 bytes. On CUDA it is documented for bfloat16 (sm90+ in
-2.5-2.8; the kernel refuses other dtypes), so other CUDA dtypes take the loop.
-The fallback loops over the L segments: the same rows, no padding either.
+multiple of 16 bytes. On CUDA only bfloat16 takes it: that is torch's CUTLASS
+fast path (sm90+; pytorch#150374), while float32 / float16 there run torch's
+own per-group loop with a device-to-host sync (pytorch#162059), no better than
+ours. Not run on a GPU yet (no GPU in this project). The inputs are cast to
+the weights' dtype first: ``_grouped_mm`` is not autocast-aware
+(pytorch#174763). The fallback loops over the L segments: the same rows, no
+padding either.
 """
 
 from __future__ import annotations
