@@ -70,8 +70,8 @@ def main() -> None:
     ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
     ref_step = MoEStep(reference)  # two forwards per micro-batch: rebuilds in every forward (exact too)
 
-    result: dict = {"rank": rank, "loss_diff": {impl: [] for impl in engines}, "grad_diff": {impl: [] for impl in engines},
-                    "segments_vs_padded_grad": [], "routed_rows": []}
+    result: dict = {"rank": rank, "loss_diff": {impl: [] for impl in engines},
+                    "grad_diff": {impl: [] for impl in engines}, "segments_vs_padded_grad": [], "routed_rows": []}
     half = slice(rank * BATCH, (rank + 1) * BATCH)
     for step in range(args.steps):
         for s in (*steps.values(), ref_step):

@@ -18,6 +18,7 @@ from mpomoe_ds.moe.config import MoEConfig
 from mpomoe_ds.moe.experts import activation_function
 from mpomoe_ds.moe.grouped import grouped_linear, grouped_mm, grouped_mm_available, pad_segments
 from mpomoe_ds.moe.layer import MPOEMoE
+from mpomoe_ds.moe.step import MoEStep
 from mpomoe_ds.moe.token_dispatcher import SegmentDispatcher, TokenDispatcher, _block_major_swap
 from mpomoe_ds.mpo.config import MPOConfig
 
@@ -135,6 +136,25 @@ def test_segments_equal_padded_and_a_per_token_reference(expert_type, gated, k):
         ref = per_token_reference(segments, x.reshape(-1, 32))
     assert ref.abs().max() > 1e-3
     assert (y_s.reshape(-1, 32) - ref).abs().max() < TOL
+
+
+def test_gradient_accumulation_with_per_step_reconstruction_equals_padded():
+    """Two micro-batches, MPO experts rebuilt once per step (the MoE step protocol), gated experts, k = 2."""
+    cfg = MoEConfig(num_experts=4, ep_size=1, k=2, gated=True, activation="silu", init_noise=0.3)
+    grads = {}
+    for impl in ("padded", "segments"):
+        layer = MPOEMoE(32, 64, dataclasses.replace(cfg, dropless_impl=impl), MPOConfig())
+        step = MoEStep(layer)
+        step.begin_step(0)
+        for micro in range(2):
+            step.begin_micro_batch(micro, is_last=micro == 1)
+            x = torch.randn(24, 32, generator=torch.Generator().manual_seed(micro))
+            *_, grads[impl] = forward_backward(layer, x)  # .grad tensors: the sum over both micro-batches
+        step.end_step(0)
+    aux = [n for n in grads["padded"] if "aux" in n]
+    assert aux and all(grads["padded"][n].abs().max() > 0 for n in aux)
+    for name in grads["padded"]:
+        assert (grads["padded"][name] - grads["segments"][name]).abs().max() < TOL, name
 
 
 class RecordingHooks:
