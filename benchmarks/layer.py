@@ -89,8 +89,11 @@ def router_weight(num_experts: int):
     return torch.randn((num_experts, HIDDEN), generator=gen) * 0.02
 
 
-def build_variant(kind: str, num_experts: int, ep_size: int):
-    """The module a variant trains: the layer plus loss = mean(y^2) + AUX_COEF * l_aux."""
+def build_variant(kind: str, num_experts: int, ep_size: int, dropless_impl: str = "padded"):
+    """The module a variant trains: the layer plus loss = mean(y^2) + AUX_COEF * l_aux.
+
+    ``dropless_impl`` is our layers' ``moe.dropless_impl`` (benchmarks/skew.py compares both).
+    """
     import torch
     from torch import nn
 
@@ -101,7 +104,7 @@ def build_variant(kind: str, num_experts: int, ep_size: int):
     dense = DenseFFN.random(HIDDEN, FFN, seed=0)
     moe_cfg = MoEConfig(num_experts=num_experts, ep_size=ep_size, k=1, dropless=True, aux_loss_coef=AUX_COEF,
                         expert_type="ffn" if kind == "ffn" else "mpo", activation="gelu", expert_init="copy",
-                        shard_central=kind == "mpoe_shard")
+                        shard_central=kind == "mpoe_shard", dropless_impl=dropless_impl)
 
     class Wrapped(nn.Module):
         def __init__(self, layer: nn.Module, has_aux: bool) -> None:

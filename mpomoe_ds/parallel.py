@@ -205,3 +205,40 @@ def all_to_all(group: Optional[ProcessGroup], x: torch.Tensor) -> torch.Tensor:
 
     device = communication_device(group)
     return _AllToAll.apply(group, x.to(device).contiguous()).to(x.device)
+
+
+class _AllToAllVariable(torch.autograd.Function):
+    """``all_to_all_single`` with split sizes; its gradient is the reverse exchange (splits swapped)."""
+
+    @staticmethod
+    def forward(ctx: Any, group: ProcessGroup, x: torch.Tensor, input_splits: list[int],
+                output_splits: list[int]) -> torch.Tensor:
+        ctx.group, ctx.splits = group, (input_splits, output_splits)
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x, output_split_sizes=output_splits, input_split_sizes=input_splits,
+                               group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None, None]:
+        input_splits, output_splits = ctx.splits
+        return None, _AllToAllVariable.apply(ctx.group, grad.contiguous(), output_splits, input_splits), None, None
+
+
+def all_to_all_variable(group: Optional[ProcessGroup], x: torch.Tensor, input_splits: list[int],
+                        output_splits: list[int]) -> torch.Tensor:
+    """Differentiable all-to-all along dim 0 with per-rank split sizes, on ``x``'s device.
+
+    Rows ``input_splits[p]`` of ``x`` (in order) go to group rank p; the result
+    holds ``output_splits[q]`` rows from each rank q, in rank order. The split
+    sizes must agree across ranks (exchange the counts first, e.g. with
+    :func:`all_to_all`). Identity without a group.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    if len(input_splits) != dist.get_world_size(group) or sum(input_splits) != x.shape[0]:
+        raise ValueError(f"all_to_all_variable: input_splits {input_splits} do not split {x.shape[0]} rows "
+                         f"over {dist.get_world_size(group)} ranks")
+    device = communication_device(group)
+    sent = x.to(device).contiguous()
+    return _AllToAllVariable.apply(group, sent, list(input_splits), list(output_splits)).to(x.device)

@@ -47,6 +47,9 @@ GATE_WEIGHTINGS = ("straight_through", "normalized", "softmax")
 DROP_POLICIES = ("position", "probs")
 
 
+DROPLESS_IMPLS = ("padded", "segments")
+
+
 EXPERT_TYPES = ("mpo", "ffn")
 
 
@@ -67,6 +70,14 @@ class MoEConfig:
     min_capacity: lower bound on slots per expert.
     dropless: no token is dropped; the capacity is the largest per-expert load
         across the expert-parallel group.
+    dropless_impl: how dropless routing lays tokens out for the experts.
+        "padded" (default): every expert gets C = the group's largest load
+        slots per source rank (equal-split all-to-all, batched matmuls; under
+        skewed routing most slots are padding). "segments": an all-to-all with
+        per-expert split sizes and a grouped matmul over variable-sized expert
+        segments, so computed slots equal routed tokens; the same math to
+        roundoff, not bit-identical to "padded" (mpomoe_ds.moe.token_dispatcher).
+        Needs dropless: true.
     drop_policy: which routes survive a full expert: "position" (earlier
         tokens, first choices first) or "probs" (higher router probability).
     aux_loss_coef: weight of the Switch load-balancing loss E * sum_e f_e P_e.
@@ -111,6 +122,7 @@ class MoEConfig:
     eval_capacity_factor: float = 2.0
     min_capacity: int = 4
     dropless: bool = True
+    dropless_impl: str = "padded"
     drop_policy: str = "position"
     aux_loss_coef: float = 0.01
     noisy_gate: str = "none"
@@ -148,6 +160,10 @@ class MoEConfig:
         if self.min_capacity < 0:
             fail(s, "min_capacity", self.min_capacity, "use min_capacity >= 0")
         check_choice(s, "drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice(s, "dropless_impl", self.dropless_impl, DROPLESS_IMPLS)
+        if self.dropless_impl == "segments" and not self.dropless:
+            fail(s, "dropless_impl", self.dropless_impl, "segments dispatch is for dropless routing (no capacity); "
+                  "set dropless: true, or dropless_impl: padded with a capacity_factor")
         if self.aux_loss_coef < 0:
             fail(s, "aux_loss_coef", self.aux_loss_coef, "use a coefficient >= 0")
         check_choice(s, "noisy_gate", self.noisy_gate, NOISY_GATES)

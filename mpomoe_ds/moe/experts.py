@@ -19,7 +19,9 @@ Naming conventions:
 
 One expert module per expert (``MPOExpert`` or ``FFNExpert``) keeps DeepSpeed's
 native per-expert checkpoint files working; the container computes all local
-experts together: one batched reconstruction, then batched matmuls.
+experts together: one batched reconstruction, then batched matmuls over
+padded (L, S, D) slots, or a grouped matmul over variable-sized expert
+segments (R, D) when the dispatcher sends no padding (``moe.dropless_impl``).
 
 Where reconstruction happens (MPO experts; rebuilding one lossless 3072x768 matrix
 costs about |W| * (d_2 + d_3) = 1.4 GMAC, the cost of ~600 tokens through it):
@@ -47,6 +49,7 @@ from deepspeed.moe.experts import Experts
 from torch import nn
 
 from mpomoe_ds.moe.config import ACTIVATIONS
+from mpomoe_ds.moe.grouped import grouped_linear, pad_segments
 from mpomoe_ds.moe.step_cache import StepReconstruction
 from mpomoe_ds.mpo.reconstruction import reconstruct_shared
 
@@ -274,7 +277,7 @@ class MoEExperts(Experts):
 
     def forward(self, x_LSD: torch.Tensor, central: Optional[dict[str, torch.Tensor]] = None,
                 valid_LS: Optional[torch.Tensor] = None, active_L: Optional[torch.Tensor] = None,
-                hooks: Optional[ExpertHooks] = None) -> torch.Tensor:
+                hooks: Optional[ExpertHooks] = None, segments_L: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Batched expert FFNs on dispatched slots.
 
         ``active_L`` (bool, (L,)): local experts that received a token; MPO
@@ -282,25 +285,44 @@ class MoEExperts(Experts):
         outputs the combine step discards). None: all experts are rebuilt.
         ``hooks``: this step's expert hooks (handed over by the MoE step
         protocol, :mod:`mpomoe_ds.moe.step`), or None.
+        ``segments_L`` (int, (L,)): the input is (R, D) rows sorted by local
+        expert, ``segments_L[l]`` of them for expert l (dispatch without
+        padding); the experts run a grouped matmul and return (R, D).
         """
         weights = self._training_weights(central, active_L)
         biases = self.biases()
         if hooks is not None:
             weights = {m: hooks.transform_weight(self, m, w) for m, w in weights.items()}
         x_LSD = x_LSD.to(weights["up"].dtype)
-        h_LSF = self._hidden(x_LSD, weights, biases)
+        if segments_L is None:
+            linear = _batched_linear
+        else:
+            linear = functools.partial(grouped_linear, segments_L=segments_L)
+        h_LSF = self._hidden(x_LSD, weights, biases, linear)
         # A recomputation (activation checkpointing) already showed these inputs in its first forward.
         if hooks is not None and self.training and valid_LS is not None and not recomputing():
             for m in self.matrices:
-                hooks.observe_inputs(self, m, (h_LSF if m == "down" else x_LSD).detach(), valid_LS)
-        return torch.baddbmm(biases["down"].unsqueeze(1), h_LSF, weights["down"])
+                inputs = (h_LSF if m == "down" else x_LSD).detach()
+                if segments_L is None:
+                    hooks.observe_inputs(self, m, inputs, valid_LS)
+                else:
+                    hooks.observe_inputs(self, m, *pad_segments(inputs, segments_L))
+        return linear(h_LSF, weights["down"], biases["down"])
 
     def _hidden(self, x_LSD: torch.Tensor, weights: Mapping[str, torch.Tensor],
-                biases: Mapping[str, torch.Tensor]) -> torch.Tensor:
+                biases: Mapping[str, torch.Tensor], linear: Linear) -> torch.Tensor:
         """The FFN's inner activations: act(x W_up + b), or gated act(x W_gate + b) * (x W_up + b)."""
         act = activation_function(self.activation)
-        up_LSF = torch.baddbmm(biases["up"].unsqueeze(1), x_LSD, weights["up"])
+        up_LSF = linear(x_LSD, weights["up"], biases["up"])
         if not self.is_gated:
             return act(up_LSF)
         # The order HF computes it in (Llama: act_fn(gate_proj(x)) * up_proj(x); T5: act(wi_0 x) * wi_1 x).
-        return act(torch.baddbmm(biases["gate"].unsqueeze(1), x_LSD, weights["gate"])) * up_LSF
+        return act(linear(x_LSD, weights["gate"], biases["gate"])) * up_LSF
+
+
+# x, W (L, I, O), b (L, O) -> x W + b per expert: padded slots (L, S, I) or segments (R, I).
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _batched_linear(x_LSI: torch.Tensor, w_LIO: torch.Tensor, b_LO: torch.Tensor) -> torch.Tensor:
+    return torch.baddbmm(b_LO.unsqueeze(1), x_LSI, w_LIO)

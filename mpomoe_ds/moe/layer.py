@@ -50,7 +50,7 @@ from mpomoe_ds.moe.config import MoEConfig, ffn_matrices
 from mpomoe_ds.moe.experts import ExpertHooks, FFNExpert, MoEExperts, MPOExpert
 from mpomoe_ds.moe.grad_mask import GradientMask, mix_seed
 from mpomoe_ds.moe.router import TopKRouter
-from mpomoe_ds.moe.token_dispatcher import TokenDispatcher
+from mpomoe_ds.moe.token_dispatcher import TokenDispatcher, build_dispatcher
 from mpomoe_ds.mpo import MPO, decompose, reconstruction_macs
 from mpomoe_ds.mpo.config import MPOConfig
 
@@ -157,7 +157,7 @@ class MoEBlock(nn.Module):
         observing = hooks is not None and self.training and getattr(hooks, "observing", True)
         valid_LS = self.dispatcher.valid_slots(plan) if observing else None
         active_L = self._active_local_experts(plan.routed_E) if self.experts.needs_activity() else None
-        y_LSD = self.experts(x_LSD, central, valid_LS, active_L, hooks)
+        y_LSD = self.experts(x_LSD, central, valid_LS, active_L, hooks, plan.segments_L)
         y_TD = self.dispatcher.combine(y_LSD, plan, routing.weights_TK)
         return y_TD.to(x_TD.dtype), routing.aux_loss, plan.routed_E
 
@@ -219,7 +219,7 @@ class MPOEMoE(MoE):
         with torch.no_grad():
             gen = torch.Generator().manual_seed(mix_seed(moe.seed, layer_id, 2))
             gate.wg.weight.copy_(torch.randn(gate.wg.weight.shape, generator=gen) * 0.02)
-        self.deepspeed_moe = MoEBlock(gate, experts, TokenDispatcher(moe, ep_group))
+        self.deepspeed_moe = MoEBlock(gate, experts, build_dispatcher(moe, ep_group))
         if moe.expert_init == "perturb":
             self._perturb_experts()
         if not moe.expert_bias:

@@ -14,6 +14,13 @@ Capacity: with ``dropless`` C is the largest per-expert load on any rank of the
 group, so nothing is dropped; otherwise ``C = max(ceil(K * T / E * factor),
 min_capacity)``. Either way one MAX all-reduce over the group agrees on C (and
 on T), so ranks with unequal token counts cannot hang in the all-to-all.
+
+Without padding (``moe.dropless_impl: segments``, :class:`SegmentDispatcher`):
+the (P, L) route counts are exchanged first (a small equal-split
+all-to-all), then exactly the routed tokens travel in one all-to-all with
+per-rank split sizes, and each rank's experts see R rows (R = the routes they
+got), sorted by local expert for a grouped matmul; combine is the reverse.
+Computed slots equal routed tokens whatever the skew of the routing.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class DispatchPlan:
     source_S: torch.Tensor  # slot -> source token, or T (a zero pad row) when empty
     routed_E: torch.Tensor  # routes per global expert, before drops (local tokens)
     kept_E: torch.Tensor  # routes per global expert that got a slot
+    segments_L: Optional[torch.Tensor] = None  # padded slots: no segments (see SegmentPlan)
 
 
 class TokenDispatcher:
@@ -63,6 +71,19 @@ class TokenDispatcher:
         factor = cfg.capacity_factor if training else cfg.eval_capacity_factor
         return max(math.ceil(cfg.k * max_tokens / cfg.num_experts * factor), cfg.min_capacity, 1)
 
+    def route_order(self, experts_TK: torch.Tensor, probs_TK: torch.Tensor) -> torch.Tensor:
+        """Flat routes sorted by expert, and within an expert by priority: first choices
+        before second ones, then earlier tokens ("position"), or higher probability first ("probs")."""
+        num_tokens, k = experts_TK.shape
+        experts_N = experts_TK.reshape(-1)
+        if self.config.drop_policy == "probs":
+            key_N = -probs_TK.detach().reshape(-1)
+        else:
+            route_ids = torch.arange(experts_N.numel(), device=experts_N.device)
+            key_N = (route_ids % k) * num_tokens + route_ids // k
+        order = torch.argsort(key_N, stable=True)
+        return order[torch.argsort(experts_N[order], stable=True)]
+
     def plan(self, experts_TK: torch.Tensor, probs_TK: torch.Tensor, training: bool) -> DispatchPlan:
         num_tokens, k = experts_TK.shape
         num_experts = self.config.num_experts
@@ -70,15 +91,7 @@ class TokenDispatcher:
         routed_E = torch.bincount(experts_N, minlength=num_experts)
         capacity = self.capacity(routed_E, num_tokens, training)
 
-        # Priority within an expert: first choices before second ones, then
-        # earlier tokens ("position"), or higher probability first ("probs").
-        if self.config.drop_policy == "probs":
-            key_N = -probs_TK.detach().reshape(-1)
-        else:
-            route_ids = torch.arange(experts_N.numel(), device=experts_N.device)
-            key_N = (route_ids % k) * num_tokens + route_ids // k
-        order = torch.argsort(key_N, stable=True)
-        order = order[torch.argsort(experts_N[order], stable=True)]
+        order = self.route_order(experts_TK, probs_TK)
         starts_E = torch.cumsum(routed_E, 0) - routed_E
         position_N = torch.empty_like(experts_N)
         position_N[order] = torch.arange(experts_N.numel(), device=experts_N.device) - starts_E[experts_N[order]]
@@ -127,3 +140,91 @@ class TokenDispatcher:
         slots_C = torch.arange(plan.capacity, device=kept_PL.device)
         valid_PLC = slots_C.view(1, 1, -1) < kept_PL.unsqueeze(-1)
         return valid_PLC.transpose(0, 1).reshape(num_experts // ep, ep * plan.capacity)
+
+
+@dataclass
+class SegmentPlan:
+    """Where each route goes without padding (``moe.dropless_impl: segments``).
+
+    Sent rows are the routes in :meth:`TokenDispatcher.route_order` (grouped by
+    global expert, so by destination rank); received rows come source-major
+    (P, L) and are regrouped expert-major (L, P) for the grouped matmul.
+    """
+
+    order_R: torch.Tensor  # sent row r -> flat route n
+    token_R: torch.Tensor  # sent row r -> source token
+    rank_N: torch.Tensor  # flat route n -> sent row (inverse of order_R)
+    send_P: list[int]  # rows sent to each rank of the group
+    recv_P: list[int]  # rows received from each rank
+    regroup_R: torch.Tensor  # expert-major row -> received (source-major) row
+    ungroup_R: torch.Tensor  # received row -> expert-major row (inverse of regroup_R)
+    segments_L: torch.Tensor  # rows per local expert (all sources), the grouped matmul's segments
+    routed_E: torch.Tensor  # routes per global expert (local tokens); nothing is dropped
+
+
+def _inverse(permutation: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(permutation)
+    inverse[permutation] = torch.arange(len(permutation), device=permutation.device)
+    return inverse
+
+
+def _block_major_swap(counts_PL: torch.Tensor) -> torch.Tensor:
+    """Row index that reads rows stored in (P, L) blocks of ``counts_PL`` rows in (L, P) block order."""
+    flat = counts_PL.reshape(-1)
+    starts_PL = (torch.cumsum(flat, 0) - flat).view_as(counts_PL)
+    counts_LP, starts_LP = counts_PL.t().reshape(-1), starts_PL.t().reshape(-1)
+    total = int(flat.sum())
+    block_starts = torch.cumsum(counts_LP, 0) - counts_LP
+    within = torch.arange(total, device=flat.device) - torch.repeat_interleave(block_starts, counts_LP,
+                                                                                output_size=total)
+    return torch.repeat_interleave(starts_LP, counts_LP, output_size=total) + within
+
+
+class SegmentDispatcher(TokenDispatcher):
+    """Dropless dispatch without padding: per-expert split sizes, a (R, D) buffer of routed tokens only.
+
+    Each rank sends exactly its routes (sorted by global expert) in one
+    variable-split all-to-all, after exchanging the (P, L) route counts in a
+    small equal-split one; the experts compute R = routed rows with a grouped
+    matmul (:mod:`mpomoe_ds.moe.grouped`). The routes an expert sees, and their
+    order within each source rank, are those of the padded dropless path, so
+    both compute the same function; only summation order (roundoff) differs.
+    """
+
+    def plan(self, experts_TK: torch.Tensor, probs_TK: torch.Tensor, training: bool) -> SegmentPlan:
+        num_experts, ep = self.config.num_experts, self.ep_size
+        routed_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
+        order_R = self.route_order(experts_TK, probs_TK)
+        sent_PL = routed_E.view(ep, num_experts // ep)
+        recv_PL = parallel.all_to_all(self.ep_group, sent_PL)  # rows from source p for my local expert l
+        regroup_R = _block_major_swap(recv_PL)
+        return SegmentPlan(order_R=order_R, token_R=order_R // experts_TK.shape[1], rank_N=_inverse(order_R),
+                           send_P=sent_PL.sum(1).tolist(), recv_P=recv_PL.sum(1).tolist(),
+                           regroup_R=regroup_R, ungroup_R=_inverse(regroup_R),
+                           segments_L=recv_PL.sum(0), routed_E=routed_E)
+
+    def dispatch(self, x_TD: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
+        """(T, D) tokens -> (R, D) routed rows of this rank's local experts, expert-major."""
+        sent_RD = x_TD.index_select(0, plan.token_R)
+        received = parallel.all_to_all_variable(self.ep_group, sent_RD, plan.send_P, plan.recv_P)
+        return received.index_select(0, plan.regroup_R)
+
+    def combine(self, y_RD: torch.Tensor, plan: SegmentPlan, weights_TK: torch.Tensor) -> torch.Tensor:
+        """(R, D) expert outputs -> (T, D) weighted sum over each token's routes."""
+        num_tokens, k = weights_TK.shape
+        received = y_RD.index_select(0, plan.ungroup_R)
+        returned = parallel.all_to_all_variable(self.ep_group, received, plan.recv_P, plan.send_P)
+        routed_NKD = returned.index_select(0, plan.rank_N).view(num_tokens, k, -1)
+        # Weights are fp32; accumulate the K routes in fp32, return the input dtype (as the padded path).
+        return (routed_NKD * weights_TK.unsqueeze(-1)).sum(dim=1).to(y_RD.dtype)
+
+    def valid_slots(self, plan: SegmentPlan) -> torch.Tensor:
+        """(R,) all True: every row is a real token (no communication; the experts pad what a hook observes)."""
+        return torch.ones(sum(plan.recv_P), dtype=torch.bool, device=plan.segments_L.device)
+
+
+def build_dispatcher(config: MoEConfig, ep_group: Optional[parallel.ProcessGroup] = None) -> TokenDispatcher:
+    """The dispatcher ``moe.dropless_impl`` asks for."""
+    if config.dropless and config.dropless_impl == "segments":
+        return SegmentDispatcher(config, ep_group)
+    return TokenDispatcher(config, ep_group)
