@@ -45,6 +45,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
 def write_manifest(folder: Path, run_config: dict[str, Any], client_state: dict[str, Any]) -> None:
     """Rank 0, after every rank has written its files: hash them all and write the manifest durably."""
     manifest = {"format": FORMAT, "step": client_state["step"], "world_size": client_state.get("world_size"),
+                "ep_size": client_state.get("ep_size"),
                 "data_plan": client_state["train_batches"], "run_config": run_config,
                 "files": {str(p.relative_to(folder)): file_entry(p) for p in checkpoint_files(folder)}}
     checkpoint.atomic_write_json(folder / MANIFEST, manifest)

@@ -25,7 +25,7 @@ from mpomoe_ds.data.tokenize import prepare_tasks
 from mpomoe_ds.moe.grad_mask import mix_seed
 from mpomoe_ds.moe.step import MoEStep
 from mpomoe_ds.omoe.optimizer import OrthogonalExpertOptimizer, check_update_mode_supported
-from mpomoe_ds.training import checkpoint, integrity, preflight
+from mpomoe_ds.training import checkpoint, integrity, preflight, reshard
 from mpomoe_ds.training.build import build_engine, build_model, run_tokenizer
 from mpomoe_ds.training.engine import clip_grad_norm_
 from mpomoe_ds.training.evaluate import diversity_metrics, evaluate
@@ -47,6 +47,7 @@ class Trainer:
         self.output_dir = Path(config.train.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.train_loss_first: Optional[float] = None
+        self.reshard = False  # resuming a checkpoint of another world size / ep_size
 
     # ------------------------------------------------------------------ start-up
 
@@ -110,11 +111,7 @@ class Trainer:
             return None
         tag, manifest = found
         preflight.check_resume_config(manifest["run_config"], to_dict(self.config), str(self.checkpoint_dir / tag))
-        saved_world = manifest.get("world_size")
-        if saved_world is not None and saved_world != self.world:
-            raise CheckpointError(f"--resume from {self.checkpoint_dir / tag}: written by {saved_world} ranks, "
-                                  f"launched with {self.world}; launch {saved_world} ranks (resuming at another "
-                                  f"world size is not supported yet)")
+        self.reshard = self._needs_reshard(tag, manifest)
         # Every rank verified the same files; make sure they chose the same checkpoint.
         steps = parallel.all_reduce(torch.tensor([float(manifest["step"]), 1.0], dtype=torch.float64))
         if float(steps[0]) != manifest["step"] * float(steps[1]):
@@ -122,10 +119,34 @@ class Trainer:
                                   f"(different files on different nodes?); every rank must see the same folder")
         return tag, manifest
 
+    def _needs_reshard(self, tag: str, manifest: dict[str, Any]) -> bool:
+        """Whether the checkpoint was written at another world size or ep_size (then loaded by global name)."""
+        saved_world, saved_ep = manifest.get("world_size"), manifest.get("ep_size", manifest.get("world_size"))
+        if (saved_world, saved_ep) == (self.world, self.config.moe.ep_size):
+            return False
+        where = f"--resume from {self.checkpoint_dir / tag} (world {saved_world}, ep_size {saved_ep}; now world " \
+                f"{self.world}, ep_size {self.config.moe.ep_size})"
+        if f"{reshard.FOLDER}/rank0.pt" not in manifest.get("files", {}):
+            raise CheckpointError(f"{where}: the checkpoint has no world-size-independent copy (saved with "
+                                  f"train.reshardable_checkpoints false or by an older version); launch "
+                                  f"{saved_world} ranks with moe.ep_size={saved_ep}")
+        if self.config.omoe.enabled:
+            raise CheckpointError(f"{where}: OMoE projectors are saved per local expert and are not resharded; "
+                                  f"launch {saved_world} ranks with moe.ep_size={saved_ep}")
+        logger.warning(f"{where}: resharding parameters and Adam moments by global name")
+        return True
+
     def _maybe_resume(self) -> int:
         if self.resume_from is None:
             return 0
         tag = self.resume_from[0]
+        if self.reshard:
+            client_state = reshard.load(self.engine, self.checkpoint_dir / tag, self.config.moe.ep_size)["client_state"]
+            self.batches.load_state_dict(client_state["train_batches"])
+            self.train_loss_first = client_state.get("train_loss_first")
+            self.nonfinite.total = int(client_state.get("nonfinite_total", 0))
+            logger.info(f"resumed (resharded) from {self.checkpoint_dir / tag} at step {self.engine.global_steps}")
+            return int(self.engine.global_steps)
         _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
         self.batches.load_state_dict(client_state["train_batches"])
         self.train_loss_first = client_state.get("train_loss_first")
@@ -314,10 +335,13 @@ class Trainer:
         parallel.barrier()
         client_state = {"train_batches": self.batches.state_dict(), "step": step,
                         "train_loss_first": self.train_loss_first, "nonfinite_total": self.nonfinite.total,
-                        "world_size": self.world}
+                        "world_size": self.world, "ep_size": self.config.moe.ep_size}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False, client_state=client_state)
         checkpoint.save_rank_state(self.checkpoint_dir, tag, self.rank,
                                    {"omoe": self.omoe.state_dict() if self.omoe is not None else None})
+        if self.config.train.reshardable_checkpoints:
+            reshard.save(self.engine, self.checkpoint_dir / tag, self.config.moe.ep_size,
+                         {"client_state": client_state})
         parallel.barrier()
         if self.rank == 0:
             self.monitor.flush()
