@@ -105,14 +105,18 @@ class Trainer:
 
     def _choose_checkpoint(self) -> Optional[tuple[str, dict[str, Any]]]:
         """The newest checkpoint that verifies (fallbacks logged), checked against this run; None: start fresh."""
-        found = integrity.newest_verified(self.checkpoint_dir, logger.warning)
+        found = integrity.newest_verified(
+            self.checkpoint_dir, logger.warning, share=(self.rank, self.world),
+            combine=lambda problems: [p for rank_problems in parallel.all_gather_object(problems)
+                                      for p in rank_problems],
+            tags=parallel.broadcast_object(integrity.candidate_tags(self.checkpoint_dir)))
         if found is None:
             logger.info(f"--resume: no checkpoint in {self.checkpoint_dir}, starting from step 0")
             return None
         tag, manifest = found
         preflight.check_resume_config(manifest["run_config"], to_dict(self.config), str(self.checkpoint_dir / tag))
         self.reshard = self._needs_reshard(tag, manifest)
-        # Every rank verified the same files; make sure they chose the same checkpoint.
+        # The ranks shared the verification; make sure they chose the same checkpoint.
         steps = parallel.all_reduce(torch.tensor([float(manifest["step"]), 1.0], dtype=torch.float64))
         if float(steps[0]) != manifest["step"] * float(steps[1]):
             raise CheckpointError(f"--resume: ranks chose different checkpoints in {self.checkpoint_dir} "
@@ -214,14 +218,15 @@ class Trainer:
         """One optimizer step (gradient accumulation included).
 
         ``loss`` is this rank's mean over its micro-batches, ``global_loss`` the
-        token-weighted mean over all ranks; ``finite`` is False on every rank
+        token-weighted mean over all ranks, ``task_losses`` each task's
+        row-weighted mean over all ranks (carried by the same all-reduce); ``finite`` is False on every rank
         when any rank saw a non-finite loss or gradient norm (the update was then skipped).
         """
         engine = self.engine
         accumulation = engine.gradient_accumulation_steps()
         stats: dict[str, Any] = {"loss": 0.0, "aux_loss": 0.0, "tokens": 0}
         counts = None
-        task_losses: dict[str, list[float]] = {}
+        task_sums = torch.zeros(2 * len(self.tasks), dtype=torch.float64)  # per task: sum loss x rows, rows
         loss_x_tokens, local_finite, agreement = 0.0, True, None
         self.moe_step.begin_step(step)
         for micro in range(accumulation):
@@ -237,15 +242,16 @@ class Trainer:
             tokens = int(batch["attention_mask"].sum())
             loss_x_tokens += loss.item() * tokens
             local_finite = local_finite and bool(torch.isfinite(loss.detach()))
+            task_id, rows = int(batch["task_id"][0]), batch["task_id"].numel()
+            task_sums[2 * task_id] += out["task_loss"].item() * rows
+            task_sums[2 * task_id + 1] += rows
             if engine.is_gradient_accumulation_boundary():
                 if self.own_clip is not None:
                     stats["grad_norm"] = clip_grad_norm_(engine.module, self.own_clip, self.ep_group)
                     local_finite = local_finite and bool(np.isfinite(stats["grad_norm"]))
-                agreement = agree_on_step(local_finite, loss_x_tokens, stats["tokens"] + tokens)
+                agreement = agree_on_step(local_finite, loss_x_tokens, stats["tokens"] + tokens, task_sums)
                 self.skip_gate.set(not agreement.finite)
             engine.step()
-            task = self.tasks[int(batch["task_id"][0])].spec.name
-            task_losses.setdefault(task, []).append(out["task_loss"].item())
             stats["loss"] += loss.item() / accumulation
             stats["aux_loss"] += out["aux_loss"].item() / accumulation
             stats["tokens"] += tokens
@@ -254,9 +260,15 @@ class Trainer:
         self.moe_step.end_step(step)
         stats["finite"] = agreement.finite and engine.was_step_applied()
         stats["global_loss"] = agreement.loss
-        stats["task_losses"] = {t: float(np.mean(v)) for t, v in task_losses.items()}
+        stats["task_losses"] = self._task_losses(agreement.extra)
         stats["expert_counts"] = counts
         return stats
+
+    def _task_losses(self, sums: torch.Tensor) -> dict[str, float]:
+        """Each task's train loss of this step over all ranks: row-weighted mean of its micro-batch losses."""
+        sums = sums.view(-1, 2)
+        return {task.spec.name: float(total / rows) for task, (total, rows) in zip(self.tasks, sums.tolist())
+                if rows > 0}
 
     # ------------------------------------------------------------------ eval, logging, checkpoints
 
