@@ -218,14 +218,16 @@ class Trainer:
         """One optimizer step (gradient accumulation included).
 
         ``loss`` is this rank's mean over its micro-batches, ``global_loss`` the
-        token-weighted mean over all ranks, ``task_losses`` each task's
-        row-weighted mean over all ranks (carried by the same all-reduce); ``finite`` is False on every rank
+        token-weighted mean over all ranks; ``task_losses`` this rank's mean per
+        task, ``global_task_losses`` each task's row-weighted mean over all
+        ranks (carried by the same all-reduce, no extra collective); ``finite`` is False on every rank
         when any rank saw a non-finite loss or gradient norm (the update was then skipped).
         """
         engine = self.engine
         accumulation = engine.gradient_accumulation_steps()
         stats: dict[str, Any] = {"loss": 0.0, "aux_loss": 0.0, "tokens": 0}
         counts = None
+        task_losses: dict[str, list[float]] = {}
         task_sums = torch.zeros(2 * len(self.tasks), dtype=torch.float64)  # per task: sum loss x rows, rows
         loss_x_tokens, local_finite, agreement = 0.0, True, None
         self.moe_step.begin_step(step)
@@ -242,9 +244,10 @@ class Trainer:
             tokens = int(batch["attention_mask"].sum())
             loss_x_tokens += loss.item() * tokens
             local_finite = local_finite and bool(torch.isfinite(loss.detach()))
-            task_id, rows = int(batch["task_id"][0]), batch["task_id"].numel()
-            task_sums[2 * task_id] += out["task_loss"].item() * rows
+            task_id, rows, task_loss = int(batch["task_id"][0]), batch["task_id"].numel(), out["task_loss"].item()
+            task_sums[2 * task_id] += task_loss * rows
             task_sums[2 * task_id + 1] += rows
+            task_losses.setdefault(self.tasks[task_id].spec.name, []).append(task_loss)
             if engine.is_gradient_accumulation_boundary():
                 if self.own_clip is not None:
                     stats["grad_norm"] = clip_grad_norm_(engine.module, self.own_clip, self.ep_group)
@@ -260,11 +263,12 @@ class Trainer:
         self.moe_step.end_step(step)
         stats["finite"] = agreement.finite and engine.was_step_applied()
         stats["global_loss"] = agreement.loss
-        stats["task_losses"] = self._task_losses(agreement.extra)
+        stats["task_losses"] = {t: float(np.mean(v)) for t, v in task_losses.items()}
+        stats["global_task_losses"] = self._global_task_losses(agreement.extra)
         stats["expert_counts"] = counts
         return stats
 
-    def _task_losses(self, sums: torch.Tensor) -> dict[str, float]:
+    def _global_task_losses(self, sums: torch.Tensor) -> dict[str, float]:
         """Each task's train loss of this step over all ranks: row-weighted mean of its micro-batch losses."""
         sums = sums.view(-1, 2)
         return {task.spec.name: float(total / rows) for task, (total, rows) in zip(self.tasks, sums.tolist())
@@ -300,7 +304,7 @@ class Trainer:
         scalars = {"train/loss": stats["global_loss"], "train/aux_loss": stats["aux_loss"], "train/lr": lr,
                    "train/tokens_per_s": float(tokens) / max(window_seconds, 1e-9)}
         scalars["train/nonfinite_steps"] = self.nonfinite.total
-        scalars.update({f"train/task_loss/{t}": v for t, v in stats["task_losses"].items()})
+        scalars.update({f"train/task_loss/{t}": v for t, v in stats["global_task_losses"].items()})
         scalars["train/model_tflops_per_s"] = scalars["train/tokens_per_s"] * self.flops_per_token / 1e12
         if self.config.train.peak_tflops:
             scalars["train/mfu"] = mfu(scalars["train/tokens_per_s"], self.flops_per_token,
