@@ -242,3 +242,29 @@ def all_to_all_variable(group: Optional[ProcessGroup], x: torch.Tensor, input_sp
     device = communication_device(group)
     sent = x.to(device).contiguous()
     return _AllToAllVariable.apply(group, sent, list(input_splits), list(output_splits)).to(x.device)
+
+
+def zero_full_tensor(param: torch.Tensor, state_key: Optional[str] = None) -> Optional[torch.Tensor]:
+    """The full fp32 value (``state_key`` None) or optimizer state of a ZeRO-1/2 partitioned parameter.
+
+    Collective over the parameter's data-parallel group (DeepSpeed's
+    ``safe_get_full_*``: an all-reduce of the partitions): every rank of that
+    group calls it for the same parameters in the same order. None for a
+    parameter the ZeRO optimizer does not hold (frozen, or ZeRO 0).
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if not hasattr(param, "_hp_mapping"):
+        return None
+    if state_key is None:
+        return safe_get_full_fp32_param(param)
+    return safe_get_full_optimizer_state(param, state_key)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself outside torch.distributed)."""
+    if not _active(None):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

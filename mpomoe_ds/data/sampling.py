@@ -90,8 +90,13 @@ class MultiTaskBatchSampler:
         return sum(self.batches_per_pass)
 
     def fingerprint(self) -> tuple:
-        """What must agree on every rank for the plans to line up (rank excluded)."""
-        return (self.task_sizes, self.batch_size, self.world_size, self.temperature, self.seed, self.remainder)
+        """What fixes the global plan: equal on every rank, and across a resume at another world size.
+
+        The global batch G = B * W counts, not B and W apart: rank r of any
+        world reads rows [r B, (r+1) B) of the same G rows, so a resume with
+        the same G at another world size continues at the same global sample.
+        """
+        return (self.task_sizes, self.global_batch_size, self.temperature, self.seed, self.remainder)
 
     def _chunk_tasks(self, chunk: int) -> np.ndarray:
         """Task ids of steps [chunk * 1024, (chunk + 1) * 1024), by inverse-CDF sampling."""
@@ -205,13 +210,26 @@ class TrainBatches:
         return {"step": self.step, "fingerprint": _jsonable(self.sampler.fingerprint())}
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        """Continue at state["step"]; strict: the saved plan must match (same data, batch, ranks, seed, T)."""
+        """Continue at state["step"]; strict: the saved plan must match (same data, global batch, seed, T).
+
+        Any world size with the same global batch (micro-batch x ranks)
+        continues at the same global sample. Another global batch cannot: a
+        step's task is drawn per step and its rows are the next G of that
+        task's permutation, so the steps so far would map to other rows
+        (examples skipped or seen twice); that is refused, naming the fix.
+        """
         saved, current = state.get("fingerprint"), _jsonable(self.sampler.fingerprint())
         if strict and saved != current:
-            labels = ("task_sizes", "batch_size", "world_size", "temperature", "seed", "remainder")
-            diffs = [f"{name}: saved {a} now {b}" for name, a, b in zip(labels, saved or [None] * 6, current)
+            labels = ("task_sizes", "global_batch", "temperature", "seed", "remainder")
+            diffs = [f"{name}: saved {a} now {b}" for name, a, b in zip(labels, saved or [None] * 5, current)
                      if a != b]
-            raise DataError(f"the data plan changed since the checkpoint ({'; '.join(diffs)}), so resuming "
+            hint = ""
+            if saved and len(saved) == len(current) and saved[1] != current[1]:
+                hint = (f" (the global batch is train_micro_batch_size_per_gpu x ranks = "
+                        f"{self.sampler.batch_size} x {self.sampler.world_size}; the task stream continues "
+                        f"exactly only at the saved global batch {saved[1]}: set train_micro_batch_size_per_gpu "
+                        f"to {saved[1]} / ranks)")
+            raise DataError(f"the data plan changed since the checkpoint ({'; '.join(diffs)}){hint}, so resuming "
                             f"would not continue the same batches; restore the setting, or pass strict=False "
                             f"to continue at step {state['step']} with the new plan")
         self.step = int(state["step"])

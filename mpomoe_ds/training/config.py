@@ -62,6 +62,11 @@ class TrainConfig:
     peak_tflops: the peak dense TFLOP/s of one rank's device in the training
     precision (e.g. 989 for an H100 SXM in bf16); with it the log shows the
     model FLOPs utilisation ``train/mfu`` (null: achieved TFLOP/s only).
+    reshardable_checkpoints: every checkpoint also holds each parameter with
+    its Adam moments keyed by global name (``<tag>/global/``,
+    :mod:`mpomoe_ds.training.reshard`), so ``--resume`` works at another world
+    size and ``moe.ep_size``; costs about one more copy of the weights and
+    optimizer state per checkpoint. false: resume only at the saved layout.
     """
 
     max_steps: int = 150
@@ -80,6 +85,7 @@ class TrainConfig:
     peak_tflops: Optional[float] = None
     max_nonfinite_steps: int = 3
     inject_nonfinite_steps: list[int] = field(default_factory=list)
+    reshardable_checkpoints: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "log_every", "max_nonfinite_steps"):

@@ -88,22 +88,28 @@ class NonFiniteCounter:
 
 @dataclass
 class StepAgreement:
-    """What every rank agrees on after one step: finite or not, and the global train loss."""
+    """What every rank agrees on after one step: finite or not, the global train loss, summed extras."""
 
     finite: bool
     loss: float
+    extra: Optional[torch.Tensor] = None
 
 
-def agree_on_step(local_finite: bool, loss_x_tokens: float, tokens: int) -> StepAgreement:
-    """One all-reduce of three numbers: any rank non-finite -> the step is bad everywhere.
+def agree_on_step(local_finite: bool, loss_x_tokens: float, tokens: int,
+                  extra: Optional[torch.Tensor] = None) -> StepAgreement:
+    """One all-reduce of three numbers (plus ``extra``): any rank non-finite -> the step is bad everywhere.
 
     The loss is the global token-weighted mean ``sum_r,m loss_rm n_rm / sum_r,m n_rm``
     over ranks r and micro-batches m (n = non-padding tokens), the same value on every rank.
+    ``extra`` (1-D) rides along in the same all-reduce and comes back summed over ranks
+    (the per-task losses use it), so the step costs no further collective.
     """
-    sums = parallel.all_reduce(torch.tensor([0.0 if local_finite else 1.0, loss_x_tokens, float(tokens)],
-                                                dtype=torch.float64))
+    head = torch.tensor([0.0 if local_finite else 1.0, loss_x_tokens, float(tokens)], dtype=torch.float64)
+    tail = extra.detach().to(torch.float64).reshape(-1) if extra is not None else head.new_zeros(0)
+    sums = parallel.all_reduce(torch.cat([head, tail]))
     finite = float(sums[0]) == 0.0
-    return StepAgreement(finite=finite, loss=float(sums[1] / sums[2].clamp_min(1.0)) if finite else float("nan"))
+    return StepAgreement(finite=finite, loss=float(sums[1] / sums[2].clamp_min(1.0)) if finite else float("nan"),
+                         extra=sums[3:] if extra is not None else None)
 
 
 def finite_or_none(value: Any) -> Any:

@@ -6,6 +6,10 @@ after every rank has written its files and before ``latest`` moves; and on
 ``--resume`` the choice of the newest checkpoint that verifies, falling back
 (loudly, naming the bad file) past ones that do not.
 
+Ranks verify together: each checks every file's size and hashes its share
+of the files, and they combine their findings, so each file is hashed once
+per resume, not once per rank, and every rank takes the same decision.
+
 A folder without a manifest is a save that never completed (a crash before
 the manifest was written) and is never loaded.
 """
@@ -45,6 +49,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
 def write_manifest(folder: Path, run_config: dict[str, Any], client_state: dict[str, Any]) -> None:
     """Rank 0, after every rank has written its files: hash them all and write the manifest durably."""
     manifest = {"format": FORMAT, "step": client_state["step"], "world_size": client_state.get("world_size"),
+                "ep_size": client_state.get("ep_size"),
                 "data_plan": client_state["train_batches"], "run_config": run_config,
                 "files": {str(p.relative_to(folder)): file_entry(p) for p in checkpoint_files(folder)}}
     checkpoint.atomic_write_json(folder / MANIFEST, manifest)
@@ -55,8 +60,16 @@ def write_manifest(folder: Path, run_config: dict[str, Any], client_state: dict[
         os.close(fd)
 
 
-def verify(folder: Path) -> tuple[Optional[dict[str, Any]], list[str]]:
-    """(manifest, problems): problems is empty iff every listed file exists with its size and checksum."""
+Share = tuple[int, int]  # (this rank, ranks sharing the hashing)
+
+
+def verify(folder: Path, share: Share = (0, 1)) -> tuple[Optional[dict[str, Any]], list[str]]:
+    """(manifest, problems): problems is empty iff every listed file exists with its size and checksum.
+
+    Every caller checks that every file exists with its size (a stat: cheap);
+    with ``share = (r, n)`` it hashes only files r, r + n, r + 2n, ... of the
+    manifest, so n ranks together hash each file once (combine their problems).
+    """
     path = folder / MANIFEST
     if not path.is_file():
         return None, [f"{path}: missing (the save did not complete)"]
@@ -64,8 +77,9 @@ def verify(folder: Path) -> tuple[Optional[dict[str, Any]], list[str]]:
         manifest = checkpoint.read_json(path)
     except ValueError as err:
         return None, [f"{path}: unreadable ({err})"]
+    rank, ranks = share
     problems = []
-    for name, want in manifest.get("files", {}).items():
+    for index, (name, want) in enumerate(sorted(manifest.get("files", {}).items())):
         file = folder / name
         if not file.is_file():
             problems.append(f"{file}: missing")
@@ -73,7 +87,7 @@ def verify(folder: Path) -> tuple[Optional[dict[str, Any]], list[str]]:
         size = file.stat().st_size
         if size != want["size"]:
             problems.append(f"{file}: {size} bytes, the manifest says {want['size']} (truncated or overwritten)")
-        elif file_entry(file)["sha256"] != want["sha256"]:
+        elif index % ranks == rank and file_entry(file)["sha256"] != want["sha256"]:
             problems.append(f"{file}: SHA-256 differs from the manifest (corrupted)")
     return manifest, problems
 
@@ -85,17 +99,29 @@ def candidate_tags(checkpoint_dir: Path) -> list[str]:
     return ([latest] if latest else []) + [t for t in tags if t != latest]
 
 
-def newest_verified(checkpoint_dir: Path, warn: Callable[[str], None]) -> Optional[tuple[str, dict[str, Any]]]:
+def _alone(problems: list[str]) -> list[str]:
+    return problems
+
+
+def newest_verified(checkpoint_dir: Path, warn: Callable[[str], None], *, share: Share = (0, 1),
+                    combine: Callable[[list[str]], list[str]] = _alone,
+                    tags: Optional[list[str]] = None) -> Optional[tuple[str, dict[str, Any]]]:
     """The checkpoint to resume from and its manifest; None if there is no checkpoint at all.
+
+    Ranks that verify together pass the same ``tags`` (rank 0's
+    :func:`candidate_tags`), their ``share`` of the hashing, and ``combine``:
+    every rank's problems of one checkpoint, the same list on every rank (an
+    all-gather), so all of them take the same decision.
 
     Raises CheckpointError listing every folder checked when none verifies.
     """
-    tags = candidate_tags(checkpoint_dir)
+    tags = candidate_tags(checkpoint_dir) if tags is None else tags
     if not tags:
         return None
     checked = []
     for tag in tags:
-        manifest, problems = verify(checkpoint_dir / tag)
+        manifest, problems = verify(checkpoint_dir / tag, share)
+        problems = list(dict.fromkeys(combine(problems)))  # every rank sees a missing file: name it once
         if manifest is not None and not problems:
             if checked:
                 warn(f"--resume: falling back to checkpoint {tag}; newer ones failed verification:\n  "

@@ -28,6 +28,7 @@ from mpomoe_ds.training.engine import check_zero_for_moe
 from mpomoe_ds.training.run_config import RunConfig
 
 FROZEN_ON_RESUME = ("model", "moe", "mpo", "optim", "omoe", "data")
+LAYOUT_KEYS = ("moe.ep_size",)  # where tensors live, not what they are: a resume may change it (resharding)
 POSITION_FIELDS = ("max_position_embeddings", "n_positions")
 
 
@@ -150,9 +151,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], checkpoint: str) -> None:
-    """Refuse a resume whose architecture, optimizer, OMoE or data keys differ from the checkpoint's."""
-    old = {k: v for k, v in flatten(saved).items() if k.split(".")[0] in FROZEN_ON_RESUME}
-    new = {k: v for k, v in flatten(current).items() if k.split(".")[0] in FROZEN_ON_RESUME}
+    """Refuse a resume whose architecture, optimizer, OMoE or data keys differ (``moe.ep_size`` may change)."""
+    old = {k: v for k, v in flatten(saved).items() if k.split(".")[0] in FROZEN_ON_RESUME and k not in LAYOUT_KEYS}
+    new = {k: v for k, v in flatten(current).items() if k.split(".")[0] in FROZEN_ON_RESUME and k not in LAYOUT_KEYS}
     diffs = [f"{key}: checkpoint {old.get(key)!r}, now {new.get(key)!r}"
              for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
     if diffs:

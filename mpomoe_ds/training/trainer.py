@@ -25,7 +25,7 @@ from mpomoe_ds.data.tokenize import prepare_tasks
 from mpomoe_ds.moe.grad_mask import mix_seed
 from mpomoe_ds.moe.step import MoEStep
 from mpomoe_ds.omoe.optimizer import OrthogonalExpertOptimizer, check_update_mode_supported
-from mpomoe_ds.training import checkpoint, integrity, preflight
+from mpomoe_ds.training import checkpoint, integrity, preflight, reshard
 from mpomoe_ds.training.build import build_engine, build_model, run_tokenizer
 from mpomoe_ds.training.engine import clip_grad_norm_
 from mpomoe_ds.training.evaluate import diversity_metrics, evaluate
@@ -47,6 +47,7 @@ class Trainer:
         self.output_dir = Path(config.train.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.train_loss_first: Optional[float] = None
+        self.reshard = False  # resuming a checkpoint of another world size / ep_size
 
     # ------------------------------------------------------------------ start-up
 
@@ -103,28 +104,52 @@ class Trainer:
 
     def _choose_checkpoint(self) -> Optional[tuple[str, dict[str, Any]]]:
         """The newest checkpoint that verifies (fallbacks logged), checked against this run; None: start fresh."""
-        found = integrity.newest_verified(self.checkpoint_dir, logger.warning)
+        found = integrity.newest_verified(
+            self.checkpoint_dir, logger.warning, share=(self.rank, self.world),
+            combine=lambda problems: [p for rank_problems in parallel.all_gather_object(problems)
+                                      for p in rank_problems],
+            tags=parallel.broadcast_object(integrity.candidate_tags(self.checkpoint_dir)))
         if found is None:
             logger.info(f"--resume: no checkpoint in {self.checkpoint_dir}, starting from step 0")
             return None
         tag, manifest = found
         preflight.check_resume_config(manifest["run_config"], to_dict(self.config), str(self.checkpoint_dir / tag))
-        saved_world = manifest.get("world_size")
-        if saved_world is not None and saved_world != self.world:
-            raise CheckpointError(f"--resume from {self.checkpoint_dir / tag}: written by {saved_world} ranks, "
-                                  f"launched with {self.world}; launch {saved_world} ranks (resuming at another "
-                                  f"world size is not supported yet)")
-        # Every rank verified the same files; make sure they chose the same checkpoint.
+        self.reshard = self._needs_reshard(tag, manifest)
+        # The ranks shared the verification; make sure they chose the same checkpoint.
         steps = parallel.all_reduce(torch.tensor([float(manifest["step"]), 1.0], dtype=torch.float64))
         if float(steps[0]) != manifest["step"] * float(steps[1]):
             raise CheckpointError(f"--resume: ranks chose different checkpoints in {self.checkpoint_dir} "
                                   f"(different files on different nodes?); every rank must see the same folder")
         return tag, manifest
 
+    def _needs_reshard(self, tag: str, manifest: dict[str, Any]) -> bool:
+        """Whether the checkpoint was written at another world size or ep_size (then loaded by global name)."""
+        saved_world, saved_ep = manifest.get("world_size"), manifest.get("ep_size", manifest.get("world_size"))
+        if (saved_world, saved_ep) == (self.world, self.config.moe.ep_size):
+            return False
+        where = f"--resume from {self.checkpoint_dir / tag} (world {saved_world}, ep_size {saved_ep}; now world " \
+                f"{self.world}, ep_size {self.config.moe.ep_size})"
+        if f"{reshard.FOLDER}/rank0.pt" not in manifest.get("files", {}):
+            raise CheckpointError(f"{where}: the checkpoint has no world-size-independent copy (saved with "
+                                  f"train.reshardable_checkpoints false or by an older version); launch "
+                                  f"{saved_world} ranks with moe.ep_size={saved_ep}")
+        if self.config.omoe.enabled:
+            raise CheckpointError(f"{where}: OMoE projectors are saved per local expert and are not resharded; "
+                                  f"launch {saved_world} ranks with moe.ep_size={saved_ep}")
+        logger.warning(f"{where}: resharding parameters and Adam moments by global name")
+        return True
+
     def _maybe_resume(self) -> int:
         if self.resume_from is None:
             return 0
         tag = self.resume_from[0]
+        if self.reshard:
+            client_state = reshard.load(self.engine, self.checkpoint_dir / tag, self.config.moe.ep_size)["client_state"]
+            self.batches.load_state_dict(client_state["train_batches"])
+            self.train_loss_first = client_state.get("train_loss_first")
+            self.nonfinite.total = int(client_state.get("nonfinite_total", 0))
+            logger.info(f"resumed (resharded) from {self.checkpoint_dir / tag} at step {self.engine.global_steps}")
+            return int(self.engine.global_steps)
         _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
         self.batches.load_state_dict(client_state["train_batches"])
         self.train_loss_first = client_state.get("train_loss_first")
@@ -192,7 +217,9 @@ class Trainer:
         """One optimizer step (gradient accumulation included).
 
         ``loss`` is this rank's mean over its micro-batches, ``global_loss`` the
-        token-weighted mean over all ranks; ``finite`` is False on every rank
+        token-weighted mean over all ranks; ``task_losses`` this rank's mean per
+        task, ``global_task_losses`` each task's row-weighted mean over all
+        ranks (carried by the same all-reduce, no extra collective); ``finite`` is False on every rank
         when any rank saw a non-finite loss or gradient norm (the update was then skipped).
         """
         engine = self.engine
@@ -200,6 +227,7 @@ class Trainer:
         stats: dict[str, Any] = {"loss": 0.0, "aux_loss": 0.0, "tokens": 0}
         counts = None
         task_losses: dict[str, list[float]] = {}
+        task_sums = torch.zeros(2 * len(self.tasks), dtype=torch.float64)  # per task: sum loss x rows, rows
         loss_x_tokens, local_finite, agreement = 0.0, True, None
         self.moe_step.begin_step(step)
         for micro in range(accumulation):
@@ -215,15 +243,17 @@ class Trainer:
             tokens = int(batch["attention_mask"].sum())
             loss_x_tokens += loss.item() * tokens
             local_finite = local_finite and bool(torch.isfinite(loss.detach()))
+            task_id, rows, task_loss = int(batch["task_id"][0]), batch["task_id"].numel(), out["task_loss"].item()
+            task_sums[2 * task_id] += task_loss * rows
+            task_sums[2 * task_id + 1] += rows
+            task_losses.setdefault(self.tasks[task_id].spec.name, []).append(task_loss)
             if engine.is_gradient_accumulation_boundary():
                 if self.own_clip is not None:
                     stats["grad_norm"] = clip_grad_norm_(engine.module, self.own_clip, self.ep_group)
                     local_finite = local_finite and bool(np.isfinite(stats["grad_norm"]))
-                agreement = agree_on_step(local_finite, loss_x_tokens, stats["tokens"] + tokens)
+                agreement = agree_on_step(local_finite, loss_x_tokens, stats["tokens"] + tokens, task_sums)
                 self.skip_gate.set(not agreement.finite)
             engine.step()
-            task = self.tasks[int(batch["task_id"][0])].spec.name
-            task_losses.setdefault(task, []).append(out["task_loss"].item())
             stats["loss"] += loss.item() / accumulation
             stats["aux_loss"] += out["aux_loss"].item() / accumulation
             stats["tokens"] += tokens
@@ -233,8 +263,15 @@ class Trainer:
         stats["finite"] = agreement.finite and engine.was_step_applied()
         stats["global_loss"] = agreement.loss
         stats["task_losses"] = {t: float(np.mean(v)) for t, v in task_losses.items()}
+        stats["global_task_losses"] = self._global_task_losses(agreement.extra)
         stats["expert_counts"] = counts
         return stats
+
+    def _global_task_losses(self, sums: torch.Tensor) -> dict[str, float]:
+        """Each task's train loss of this step over all ranks: row-weighted mean of its micro-batch losses."""
+        sums = sums.view(-1, 2)
+        return {task.spec.name: float(total / rows) for task, (total, rows) in zip(self.tasks, sums.tolist())
+                if rows > 0}
 
     # ------------------------------------------------------------------ eval, logging, checkpoints
 
@@ -266,7 +303,7 @@ class Trainer:
         scalars = {"train/loss": stats["global_loss"], "train/aux_loss": stats["aux_loss"], "train/lr": lr,
                    "train/tokens_per_s": float(tokens) / max(window_seconds, 1e-9)}
         scalars["train/nonfinite_steps"] = self.nonfinite.total
-        scalars.update({f"train/task_loss/{t}": v for t, v in stats["task_losses"].items()})
+        scalars.update({f"train/task_loss/{t}": v for t, v in stats["global_task_losses"].items()})
         scalars["train/model_tflops_per_s"] = scalars["train/tokens_per_s"] * self.flops_per_token / 1e12
         if self.config.train.peak_tflops:
             scalars["train/mfu"] = mfu(scalars["train/tokens_per_s"], self.flops_per_token,
@@ -313,10 +350,13 @@ class Trainer:
         parallel.barrier()
         client_state = {"train_batches": self.batches.state_dict(), "step": step,
                         "train_loss_first": self.train_loss_first, "nonfinite_total": self.nonfinite.total,
-                        "world_size": self.world}
+                        "world_size": self.world, "ep_size": self.config.moe.ep_size}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False, client_state=client_state)
         checkpoint.save_rank_state(self.checkpoint_dir, tag, self.rank,
                                    {"omoe": self.omoe.state_dict() if self.omoe is not None else None})
+        if self.config.train.reshardable_checkpoints:
+            reshard.save(self.engine, self.checkpoint_dir / tag, self.config.moe.ep_size,
+                         {"client_state": client_state})
         parallel.barrier()
         if self.rank == 0:
             self.monitor.flush()

@@ -480,10 +480,29 @@ def test_resume_from_state_dict_or_skip_continues_exactly(toy_tasks):
 def test_resume_refuses_a_changed_plan_unless_not_strict(toy_tasks):
     state = train_batches(toy_tasks, DataConfig(seed=1), 8, world_size=2).state_dict()
     other = train_batches(toy_tasks, DataConfig(seed=1), 8, world_size=4)
-    with pytest.raises(DataError, match=r"world_size: saved 2 now 4.*strict=False"):
+    with pytest.raises(DataError, match=r"global_batch: saved 16 now 32.*set train_micro_batch_size_per_gpu to "
+                                        r"16 / ranks.*strict=False"):
         other.load_state_dict(state)
     other.load_state_dict({**state, "step": 5}, strict=False)
     assert other.step == 5
+
+
+def test_another_world_size_with_the_same_global_batch_continues_at_the_same_global_rows(toy_tasks):
+    """Saved at world 2 (micro 8) after 9 steps; world 1 (micro 16) and world 4 (micro 4) read the same rows."""
+    config = DataConfig(seed=3)
+    world2 = [train_batches(toy_tasks, config, 8, rank=r, world_size=2) for r in range(2)]
+    streams = [iter(b) for b in world2]
+    for _ in range(9):
+        [next(s) for s in streams]
+    state = json.loads(json.dumps(world2[0].state_dict()))
+    reference = [[next(s) for s in streams] for _ in range(4)]  # the uninterrupted world-2 steps 9..12
+    for world, micro in ((1, 16), (4, 4)):
+        resumed = [train_batches(toy_tasks, config, micro, rank=r, world_size=world) for r in range(world)]
+        for b in resumed:
+            b.load_state_dict(state)
+        for want, got in zip(reference, zip(*[iter(b) for b in resumed])):
+            for key in ("input_ids", "labels", "task_id"):
+                assert torch.equal(torch.cat([w[key] for w in want]), torch.cat([g[key] for g in got])), (world, key)
 
 
 def test_worker_processes_yield_the_same_batches(toy_tasks):

@@ -1,0 +1,39 @@
+"""Worker: ``--resume`` a run through the Trainer's start-up only, then dump what every rank holds by global name.
+
+Launched by tests under torchrun at any world size. After ``Trainer.setup()``
+(which places the checkpoint), each rank writes ``{out}.rank{r}.pt``: its
+entries of :func:`mpomoe_ds.training.reshard.global_state` (the parameters it
+owns at full size, with their Adam moments) and the engine's step counters,
+so a test can compare them, name by name, with the files saved at another
+world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from mpomoe_ds.training import reshard
+from mpomoe_ds.training.build import resolve_ds_config
+from mpomoe_ds.training.run_config import load_run_config
+from mpomoe_ds.training.trainer import Trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run_config", required=True)
+    parser.add_argument("--ds_config", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    trainer = Trainer(load_run_config(args.run_config), resolve_ds_config(args.ds_config), resume=True)
+    trainer.setup()
+    engine = trainer.engine
+    entries = reshard.global_state(engine, trainer.config.moe.ep_size)
+    torch.save({"entries": entries, "global_steps": engine.global_steps, "start_step": trainer.start_step,
+                "lr": [g["lr"] for g in engine.optimizer.param_groups], "data_step": trainer.batches.step},
+               f"{args.out}.rank{trainer.rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
