@@ -46,7 +46,7 @@ The method. Expert matrices act as ``y = x @ W`` with ``W`` (I, O).
 
 Where the projection acts (``projection``):
 
-* ``"gradient"`` (default; the only choice for MPO experts): a tensor hook on
+* ``"gradient"`` (default; warns for MPO experts, see ``"null_space"``): a tensor hook on
   the weight ``W_e`` the container reconstructs (MPO) or stacks (plain FFN)
   replaces its gradient by ``P_bar G``; autograd then carries it into the
   auxiliary cores, the shared central tensor, or the per-expert weights. The
