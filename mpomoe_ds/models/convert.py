@@ -35,8 +35,9 @@ Naming conventions:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -53,7 +54,8 @@ from mpomoe_ds.mpo.config import MPOConfig
 
 # Re-exported: the wrappers and the collector are part of conversion's public API.
 __all__ = ["AuxRecord", "BertMoEOutput", "ConversionReport", "ConversionSpec", "ConvertedBlock", "HF_ACTIVATIONS",
-           "MoEAuxCollector", "MoEFFN", "MoEMLP", "SUPPORTED_MODELS", "convert_model", "moe_wrappers"]
+           "MoEAuxCollector", "MoEFFN", "MoEMLP", "SUPPORTED_MODELS", "convert_model", "dense_report", "moe_wrappers",
+           "relative_distance"]
 
 # --------------------------------------------------------------------------- report
 
@@ -64,7 +66,11 @@ class ConvertedBlock:
 
     ``error_bound`` is the absolute Frobenius bound of each matrix's MPO
     truncation (0 when lossless or for plain "ffn" experts); ``rel_error_bound``
-    divides it by the pretrained matrix's norm.
+    divides it by the pretrained matrix's norm. ``init_rel_distance[m][g]`` is
+    ``||W_g - W|| / ||W||`` (Frobenius) for global expert g's reconstructed
+    matrix m at initialisation against the pretrained W: how far truncation,
+    ``moe.rotation_angle``, ``moe.aux_reinit_fraction`` and ``init_noise``
+    moved it (every expert of every rank).
     """
 
     index: int
@@ -76,6 +82,12 @@ class ConvertedBlock:
     bond_dims: dict[str, list[int]]
     error_bound: dict[str, float]
     rel_error_bound: dict[str, float]
+    init_rel_distance: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def mean_init_distance(self) -> dict[str, float]:
+        """Per matrix, the mean over experts of :attr:`init_rel_distance`."""
+        return {m: sum(v) / len(v) for m, v in self.init_rel_distance.items() if v}
 
 
 @dataclass
@@ -92,6 +104,12 @@ class ConversionReport:
     params_after: ParameterReport
     aux: MoEAuxCollector
     notes: list[str] = field(default_factory=list)
+    init_output_rel_distance: Optional[float] = None  # ||y - y_dense|| / ||y_dense|| on the probe batch
+
+    def init_distance(self) -> dict[str, Any]:
+        """How far the converted model starts from the dense one (what metrics.json records)."""
+        return {"output_rel": self.init_output_rel_distance,
+                "weight_rel": {b.block_name: b.mean_init_distance for b in self.blocks}}
 
     @property
     def max_rel_error_bound(self) -> float:
@@ -103,7 +121,7 @@ class ConversionReport:
                 "moe": to_dict(self.moe), "mpo": to_dict(self.mpo),
                 "blocks": [dataclasses.asdict(b) for b in self.blocks],
                 "params_before": self.params_before.as_dict(), "params_after": self.params_after.as_dict(),
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "init_output_rel_distance": self.init_output_rel_distance}
 
     def summary(self) -> str:
         before, after = self.params_before, self.params_after
@@ -114,7 +132,12 @@ class ConversionReport:
                  f"(central {after.central_global:,}, experts {after.expert_global:,} over all ranks)"]
         for b in self.blocks:
             bound = ", ".join(f"{m} {v:.2e}" for m, v in b.rel_error_bound.items()) or "exact"
-            lines.append(f"  block {b.index} {b.block_name} -> MoE layer {b.layer_id}; rel. error bound: {bound}")
+            moved = ", ".join(f"{m} {v:.3e}" for m, v in b.mean_init_distance.items())
+            lines.append(f"  block {b.index} {b.block_name} -> MoE layer {b.layer_id}; rel. error bound: {bound}; "
+                         f"mean ||W_e - W||/||W|| at init: {moved}")
+        if self.init_output_rel_distance is not None:
+            lines.append(f"output distance from the dense model at init (probe batch): "
+                         f"{self.init_output_rel_distance:.3e}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -123,7 +146,8 @@ class ConversionReport:
 
 
 def convert_model(model: nn.Module, moe: MoEConfig, mpo: Optional[MPOConfig] = None,
-                  ep_group: Optional[parallel.ProcessGroup] = None) -> ConversionReport:
+                  ep_group: Optional[parallel.ProcessGroup] = None,
+                  probe: Optional[Mapping[str, torch.Tensor]] = None) -> ConversionReport:
     """Replace the selected FFN blocks of a transformers model by upcycled MPOE MoE layers, in place.
 
     Args:
@@ -136,6 +160,12 @@ def convert_model(model: nn.Module, moe: MoEConfig, mpo: Optional[MPOConfig] = N
         mpo: how expert matrices are factored (default :class:`MPOConfig`).
         ep_group: the expert-parallel process group (default: DeepSpeed's
             group for ``moe.ep_size``; None in a single process).
+        probe: model inputs (``input_ids``, ``attention_mask``, ...) on which
+            the model's first output is compared before and after conversion,
+            in eval mode: ``report.init_output_rel_distance`` =
+            ``||y - y_dense|| / ||y_dense||`` over the positions the attention
+            mask keeps. Every rank must pass the same probe (the MoE forward
+            is collective under expert parallelism).
 
     Returns:
         A :class:`ConversionReport`. The shared :class:`MoEAuxCollector` is
@@ -162,13 +192,58 @@ def convert_model(model: nn.Module, moe: MoEConfig, mpo: Optional[MPOConfig] = N
     indices = moe.moe_layer_indices(len(ffns))
 
     params_before = parameter_report(model)
+    dense_out = _probe_output(model, probe) if probe is not None else None
     aux = MoEAuxCollector(moe.aux_loss_coef)
     blocks = [_convert_block(model, adapter, index, ffns[index], layer_id, moe, mpo, ep_group, aux)
               for layer_id, index in enumerate(indices)]
     model.moe_aux = aux  # HF forwards cannot return the losses; see MoEAuxCollector
+    report = ConversionReport(model_class=type(model).__name__, family=adapter.name, num_blocks=len(ffns), moe=moe,
+                              mpo=mpo, blocks=blocks, params_before=params_before,
+                              params_after=parameter_report(model), aux=aux, notes=notes + list(adapter.notes))
+    if dense_out is not None:
+        report.init_output_rel_distance = relative_distance(_probe_output(model, probe), dense_out)
+        aux.pop()  # the probe forward is no training step
+    return report
+
+
+def dense_report(model: nn.Module, moe: MoEConfig) -> ConversionReport:
+    """The report of a model left dense (``moe.enabled: false``): no block converted, an empty collector.
+
+    Sets ``model.moe_aux`` like :func:`convert_model`, so the training loop
+    reads a (zero) balance loss the same way.
+    """
+    adapter, ffns = detect(model)
+    params = parameter_report(model)
+    aux = MoEAuxCollector(moe.aux_loss_coef)
+    model.moe_aux = aux
     return ConversionReport(model_class=type(model).__name__, family=adapter.name, num_blocks=len(ffns), moe=moe,
-                            mpo=mpo, blocks=blocks, params_before=params_before,
-                            params_after=parameter_report(model), aux=aux, notes=notes + list(adapter.notes))
+                            mpo=MPOConfig(), blocks=[], params_before=params, params_after=params, aux=aux,
+                            notes=["moe.enabled=false: the dense model, no block converted"],
+                            init_output_rel_distance=0.0)
+
+
+def relative_distance(y: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||y - reference||_F / ||reference||_F`` in float64 (0 when both are zero)."""
+    diff, norm = float((y.double() - reference.double()).norm()), float(reference.double().norm())
+    return diff / norm if norm > 0 else diff
+
+
+@torch.no_grad()
+def _probe_output(model: nn.Module, probe: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The model's first output on ``probe`` in eval mode, at the positions the attention mask keeps."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        inputs = {k: v.to(device) for k, v in probe.items()}
+        if "decoder_input_ids" in inspect.signature(model.forward).parameters and "decoder_input_ids" not in inputs:
+            inputs["decoder_input_ids"] = inputs["input_ids"]  # an encoder-decoder (T5): any fixed decoder input
+        out = model(**inputs)
+    finally:
+        model.train(was_training)
+    y = out[0].float().cpu()
+    mask = probe.get("attention_mask")
+    return y[mask.bool()] if mask is not None and mask.shape == y.shape[:2] else y
 
 
 def _model_config(model: nn.Module) -> Any:
@@ -237,7 +312,17 @@ def _convert_block(model: nn.Module, adapter: FamilyAdapter, index: int, ffn: FF
     return ConvertedBlock(index=index, block_name=ffn.name, layer_id=layer_id, moe_module=moe_module,
                           hidden_size=dense.hidden_size, ffn_size=dense.ffn_size, bond_dims=bonds,
                           error_bound=bounds,
-                          rel_error_bound={m: b / norms[m] if norms[m] > 0 else 0.0 for m, b in bounds.items()})
+                          rel_error_bound={m: b / norms[m] if norms[m] > 0 else 0.0 for m, b in bounds.items()},
+                          init_rel_distance=_init_distances(layer, dense))
+
+
+def _init_distances(layer: MPOEMoE, dense: DenseFFN) -> dict[str, list[float]]:
+    """``||W_g - W|| / ||W||`` per matrix for every global expert g, gathered over the expert-parallel group."""
+    weights = layer.expert_weights()
+    local = torch.tensor([[relative_distance(weights[m][e].detach().cpu(), w) for e in range(weights[m].shape[0])]
+                          for m, w in dense.weights().items()], dtype=torch.float64)
+    every_M_E = torch.cat(parallel.all_gather(local, layer.ep_group), dim=1)  # ranks in group order: global ids ep_rank * L + l
+    return {m: every_M_E[i].tolist() for i, m in enumerate(dense.weights())}
 
 
 # --------------------------------------------------------------------------- what was done

@@ -113,6 +113,25 @@ class MoEConfig:
         holds 1/ep_size of every central tensor (and of its gradient and
         optimizer state) and all-gathers it to rebuild experts, instead of a
         full replica per rank (mpomoe_ds.moe.central). No effect at ep_size 1.
+    enabled: False = no block is converted: the dense pretrained model trains
+        through the same CLI, data, loop, metrics and TensorBoard (the dense
+        baseline); every other key of this section is then ignored.
+    rotation_angle: symmetry breaking at upcycling (MPO experts). Per expert
+        and matrix, each auxiliary core next to the central core is multiplied
+        on the bond it shares with the central by its own random rotation
+        R_e = expm(angle * log(R_haar)), R_haar Haar-distributed on SO(d):
+        A_left -> A_left R_e, A_right -> R'_e A_right. The shared central is
+        not compensated, so W_e moves away from the pretrained W (same
+        function class: auxiliaries are free parameters). 0 = exact upcycling,
+        1 = a Haar-random rotation; in between the geodesic fraction of it.
+        Seeded per global expert id (independent of ep_size and rank).
+        Applied after the gauge (mpo.gauge) and before expert_init noise.
+    aux_reinit_fraction: f, partial re-initialisation of every auxiliary core
+        A of every expert (MPO experts; biases untouched):
+        A -> sqrt(1 - f) * A + sqrt(f) * rms(A) * G, G standard Gaussian
+        seeded per global expert id, rms(A) the core's own root mean square,
+        so the core's expected RMS is kept. 0 = off, 1 = a fully random core
+        of the same scale. Applied after rotation_angle.
     """
 
     num_experts: int = 4
@@ -139,6 +158,9 @@ class MoEConfig:
     central_grad_rescale: bool = False
     aux_grad_keep_prob: float = 1.0
     shard_central: bool = False
+    enabled: bool = True
+    rotation_angle: float = 0.0
+    aux_reinit_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         s = "moe"
@@ -191,6 +213,17 @@ class MoEConfig:
         if self.aux_grad_keep_prob == 0.0:
             fail(s, "aux_grad_keep_prob", 0.0, "freezing every expert's auxiliaries leaves nothing to train; "
                   "use a value in (0, 1]")
+        self._check_symmetry_breaking()
+
+    def _check_symmetry_breaking(self) -> None:
+        s = "moe"
+        for name in ("rotation_angle", "aux_reinit_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                fail(s, name, value, "use a value in [0, 1] (0 = exact upcycling / off)")
+            if value > 0 and self.expert_type != "mpo":
+                fail(s, name, value, "plain experts (expert_type 'ffn') have no auxiliary cores; use "
+                      "expert_init: perturb to break their symmetry, or expert_type: mpo")
 
     def with_ep_size(self, world_size: int) -> "MoEConfig":
         """This config with ``ep_size: 0`` (automatic) resolved for ``world_size`` processes.

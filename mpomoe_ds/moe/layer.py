@@ -53,6 +53,7 @@ from mpomoe_ds.moe.router import TopKRouter
 from mpomoe_ds.moe.token_dispatcher import TokenDispatcher, build_dispatcher
 from mpomoe_ds.mpo import MPO, decompose, reconstruction_macs
 from mpomoe_ds.mpo.config import MPOConfig
+from mpomoe_ds.mpo.gauge import balance, reinit_partially, rotate_central_bonds
 
 
 @dataclass
@@ -220,6 +221,8 @@ class MPOEMoE(MoE):
             gen = torch.Generator().manual_seed(mix_seed(moe.seed, layer_id, 2))
             gate.wg.weight.copy_(torch.randn(gate.wg.weight.shape, generator=gen) * 0.02)
         self.deepspeed_moe = MoEBlock(gate, experts, build_dispatcher(moe, ep_group))
+        if moe.rotation_angle > 0 or moe.aux_reinit_fraction > 0:
+            self._break_symmetry()
         if moe.expert_init == "perturb":
             self._perturb_experts()
         if not moe.expert_bias:
@@ -260,12 +263,34 @@ class MPOEMoE(MoE):
                 raise ValueError(f"MoE layer {self.layer_id}, {m} matrix {tuple(weights[m].shape)}: {err}. "
                                  f"Set mpo.in_factors_{key} / mpo.out_factors_{key} explicitly, "
                                  f"or mpo.num_cores") from err
+            if self.mpo_config.gauge == "balanced":
+                mpo = balance(mpo)
             self.decompositions[m] = mpo
             cores[m] = mpo.central
             aux[m] = mpo.auxiliary
         self.central = CentralTensors(cores, ep_group=ep_group, shard=self.config.shard_central,
                                       group_name=self.expert_group_name)
         return MPOExpert(aux, {m: b.float() for m, b in dense.biases().items()})
+
+    def _break_symmetry(self) -> None:
+        """``moe.rotation_angle`` then ``moe.aux_reinit_fraction`` on each expert's auxiliary cores.
+
+        One generator per (layer, global expert id, matrix position), so an
+        expert's cores do not depend on ep_size or on which rank holds it.
+        """
+        cfg, experts = self.config, self.deepspeed_moe.experts
+        central = self._central_index()
+        with torch.no_grad():
+            for expert, global_id in zip(experts.deepspeed_experts, experts.global_expert_ids):
+                for position, m in enumerate(cfg.matrices):
+                    gen = torch.Generator().manual_seed(mix_seed(cfg.seed, self.layer_id, 6, global_id, position))
+                    cores = [c.detach() for c in expert.aux_cores(m)]
+                    if cfg.rotation_angle > 0:
+                        cores = rotate_central_bonds(cores, central, cfg.rotation_angle, gen)
+                    if cfg.aux_reinit_fraction > 0:
+                        cores = [reinit_partially(c, cfg.aux_reinit_fraction, gen) for c in cores]
+                    for param, core in zip(expert.aux_cores(m), cores):
+                        param.copy_(core)
 
     def _perturb_experts(self) -> None:
         """Relative Gaussian noise on each expert's matrices, seeded by global expert id."""

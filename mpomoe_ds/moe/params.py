@@ -15,7 +15,7 @@ else (optimizer groups, the report, the gradient-mask and logging code) asks it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import torch
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
@@ -36,24 +36,48 @@ def classify_parameters(model: nn.Module) -> dict[str, str]:
     return {name: parameter_kind(p) for name, p in model.named_parameters()}
 
 
+KINDS = ("dense", "central", "expert")
+
+
 def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0,
-                           no_decay_suffixes: Iterable[str] = NO_DECAY_SUFFIXES) -> list[dict]:
+                           no_decay_suffixes: Iterable[str] = NO_DECAY_SUFFIXES, *, lr: Optional[float] = None,
+                           lr_mults: Optional[Mapping[str, float]] = None) -> list[dict]:
     """Trainable parameters in the groups DeepSpeed MoE needs.
 
-    Decay / no-decay first, then DeepSpeed's own splitter separates expert
-    parameters into groups marked ``moe=True`` per expert-parallel group name
-    (ZeRO 1/2 reduce and partition those over the expert-data-parallel group).
+    Decay / no-decay first; with ``lr_mults`` ({kind: multiplier}, see
+    :func:`parameter_kind`) not all 1, each of those is split further by kind
+    and every group gets ``lr = lr * lr_mults[kind]`` (group names
+    ``decay_central``, ``no_decay_expert``, ...; dense keeps ``decay`` /
+    ``no_decay``). Then DeepSpeed's own splitter separates expert parameters
+    into groups marked ``moe=True`` per expert-parallel group name, copying
+    the other keys (lr included), and ZeRO 1/2 reduce and partition those
+    over the expert-data-parallel group. All multipliers 1 (the default)
+    gives exactly the two groups of a run without multipliers.
     """
     suffixes = tuple(no_decay_suffixes)
-    decay, no_decay = [], []
+    scaled = lr_mults is not None and any(float(lr_mults.get(k, 1.0)) != 1.0 for k in KINDS)
+    if scaled and lr is None:
+        raise ValueError("lr_mults need the base lr to scale: pass lr=")
+    buckets: dict[tuple[str, str], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name.endswith(suffixes) or p.dim() == 1 else decay).append(p)
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    return split_params_into_different_moe_groups_for_optimizer(groups)
+        decay = "no_decay" if name.endswith(suffixes) or p.dim() == 1 else "decay"
+        buckets.setdefault((decay, parameter_kind(p) if scaled else "dense"), []).append(p)
+    groups = []
+    for decay in ("decay", "no_decay"):
+        for kind in KINDS:
+            params = buckets.get((decay, kind))
+            if not params:
+                continue
+            group = {"name": decay if kind == "dense" else f"{decay}_{kind}", "params": params,
+                     "weight_decay": weight_decay if decay == "decay" else 0.0}
+            if scaled:
+                group["lr"] = lr * float(lr_mults.get(kind, 1.0))
+            groups.append(group)
+    groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    # The splitter leaves an all-expert group empty; with kind groups that is every *_expert one.
+    return [g for g in groups if g["params"]] if scaled else groups
 
 
 @dataclass

@@ -4,7 +4,8 @@ Pure tensor math on torch, no DeepSpeed and no modules. Modules:
 ``decomposition`` (factors, the validated ``MPO`` container, ``decompose``),
 ``reconstruction`` (contraction in the cheapest order, batched experts around
 one shared central core, multiply-add accounting), ``config`` (the ``mpo``
-section). The public functions are importable from here
+section), ``gauge`` (the balanced gauge, rotations of the central core's
+bonds, partial re-initialisation). The public functions are importable from here
 (``from mpomoe_ds.mpo import decompose, reconstruct``); they load on first use,
 so reading ``mpomoe_ds.mpo.config`` does not import torch.
 """
@@ -18,6 +19,8 @@ _EXPORTS = {
     "decomposition": ("DEFAULT_NUM_CORES", "MPO", "check_factors", "decompose", "factorize", "full_bond_dims"),
     "reconstruction": ("dense_matmul_macs", "reconstruct", "reconstruct_shared", "reconstruction_macs",
                        "shared_plan_macs"),
+    "gauge": ("balance", "core_rms", "fractional_rotation", "haar_rotation", "reinit_partially",
+              "rotate_central_bonds", "rotation"),
 }
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from mpomoe_ds.config import fail
+from mpomoe_ds.config import check_choice, fail
+
+GAUGES = ("canonical", "balanced")
 
 
 @dataclass
@@ -27,6 +29,7 @@ class MPOConfig:
     out_factors_up: Optional[list[int]] = None
     in_factors_down: Optional[list[int]] = None
     out_factors_down: Optional[list[int]] = None
+    gauge: str = "canonical"
 
     def __post_init__(self) -> None:
         if self.num_cores < 2:
@@ -41,6 +44,7 @@ class MPOConfig:
             factors = getattr(self, name)
             if factors is not None and len(factors) != self.num_cores:
                 fail("mpo", name, factors, f"give exactly num_cores={self.num_cores} factors")
+        check_choice("mpo", "gauge", self.gauge, GAUGES)
 
     @property
     def lossless(self) -> bool:

@@ -46,7 +46,7 @@ The method. Expert matrices act as ``y = x @ W`` with ``W`` (I, O).
 
 Where the projection acts (``projection``):
 
-* ``"gradient"`` (default; the only choice for MPO experts): a tensor hook on
+* ``"gradient"`` (default; warns for MPO experts, see ``"null_space"``): a tensor hook on
   the weight ``W_e`` the container reconstructs (MPO) or stacks (plain FFN)
   replaces its gradient by ``P_bar G``; autograd then carries it into the
   auxiliary cores, the shared central tensor, or the per-expert weights. The
@@ -69,6 +69,16 @@ Where the projection acts (``projection``):
   module's parameters: with ZeRO or fp16/bf16 the optimizer owns fp32 master
   weights that this write does not reach, so it is refused there
   (:func:`check_update_mode_supported`).
+
+* ``"null_space"`` (MPO experts only; :mod:`mpomoe_ds.omoe.null_space`):
+  after the optimizer step, the projected matrices' central tensors are put
+  back (not stepped in orthogonal phases) and each expert's auxiliary-core
+  step is corrected, by conjugate gradients on JVP / VJP of the
+  reconstruction, so that the applied change of W_e is orthogonal to a
+  basis Q_e of the other experts' protected inputs (the top eigenvectors of
+  ``(E-1)(I - P_bar_{-i})``, so no collective beyond the phase switch's).
+  Writes the module parameters and, under ZeRO 1/2 / bf16, the optimizer's
+  fp32 master fragment. Leak ``||Q^T dW|| / ||dW||`` ~0.02 vs 0.5-0.7 without.
 
 Communication. Projectors of the experts on other ranks are needed only
 through ``sum_j P_j``: one SUM all-reduce over the expert-parallel group per

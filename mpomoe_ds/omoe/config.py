@@ -12,7 +12,7 @@ from mpomoe_ds.moe.config import GATED_MATRICES
 PHASES = ("off", "accumulate", "orthogonal")
 
 
-PROJECTIONS = ("gradient", "update")
+PROJECTIONS = ("gradient", "update", "null_space")
 
 
 RESETS = ("cycle", "never")
@@ -43,7 +43,23 @@ class OMoEConfig:
         "never" (keep accumulating over the whole run, as OWM does across tasks).
     projection: "gradient" (project dL/dW_e before the optimizer; MPO and plain
         experts) or "update" (project the optimizer's applied change; plain
-        "ffn" experts only, exact for any optimizer).
+        "ffn" experts only, exact for any optimizer) or "null_space" (MPO
+        experts only: after the optimizer step, correct each expert's
+        auxiliary-core step so that the change of its reconstructed W_e is
+        orthogonal to a basis of the other experts' inputs, and keep the
+        projected matrices' central tensors unchanged in orthogonal phases;
+        :mod:`mpomoe_ds.omoe.null_space`). "gradient" with MPO experts warns:
+        measured leak 0.31 vs 0.33 without OMoE, i.e. no effect on the applied change.
+    null_space_rank: "null_space" only: at most this many protected input
+        directions per expert and matrix (the strongest of the other experts'
+        projectors). None = half the structural budget ``(n_aux - 1) // d_out``
+        (n_aux the expert's auxiliary parameters of that matrix, d_out its
+        output dim): r * d_out constraints must stay below n_aux, so a larger
+        value is refused at build time with the budget in the message.
+    cg_iters: "null_space" only: conjugate-gradient iterations (JVP + VJP
+        each) per Gauss-Newton correction (2 corrections per step). 30: on 4 MPO
+        experts (32x128, 768 constraints) the leak was 0.09 after 10, 0.017 after 30,
+        0.0012 after 100 iterations (tests/omoe/test_null_space.py).
 
     Defaults and why:
         acc_steps = orth_steps = 100: 100 mean inputs give each projector up to
@@ -82,6 +98,8 @@ class OMoEConfig:
     matrices: list[str] = field(default_factory=lambda: ["up"])
     reset: str = "cycle"
     projection: str = "gradient"
+    null_space_rank: Optional[int] = None
+    cg_iters: int = 30
 
     def __post_init__(self) -> None:
         s = "omoe"
@@ -104,6 +122,11 @@ class OMoEConfig:
                  f"('gate' only for gated experts)")
         check_choice(s, "reset", self.reset, RESETS)
         check_choice(s, "projection", self.projection, PROJECTIONS)
+        if self.null_space_rank is not None and not (isinstance(self.null_space_rank, int)
+                                                     and self.null_space_rank >= 1):
+            fail(s, "null_space_rank", self.null_space_rank, "use an integer >= 1, or null for half the budget")
+        if not (isinstance(self.cg_iters, int) and self.cg_iters >= 1):
+            fail(s, "cg_iters", self.cg_iters, "use at least 1 conjugate-gradient iteration (30 is the default)")
 
     @property
     def cycle_steps(self) -> int:

@@ -15,6 +15,25 @@ residual and the layer norm) compared two ways:
   1 for outputs equal up to an orthogonal transform and an isotropic scale, 0
   when the centred outputs span orthogonal subspaces. Averaged over pairs.
 
+Specialisation metrics (similarity can be low while the experts still share
+most of their output, and says nothing about routing):
+
+* expert-specific energy: the share of the experts' output energy on the same
+  tokens that is not common to all of them::
+
+      1 - sum_n ||mean_e y_e[n]||^2 / mean_e sum_n ||y_e[n]||^2
+
+  0 for identical experts, 1 - 1/E for experts with mutually orthogonal outputs
+  (1 when their mean is zero).
+* router entropy: mean over tokens of H(p_t) = -sum_e p_te log p_te (nats) of
+  the router probabilities; 0 for one-hot routing, log E for uniform.
+* task-expert mutual information: I(task; expert) of the routes (every one of
+  a token's k choices), tasks weighted equally::
+
+      I = H(mean_t q_t) - mean_t H(q_t),   q_t(e) = routes of task t to e / routes of task t
+
+  0 when every task routes alike, log(#tasks) when each task has experts of its own.
+
 Functions work on any tensor of expert outputs (E, N, D) (:func:`expert_similarity`),
 on one MoE layer plus tokens (:func:`layer_expert_similarity`; under expert
 parallelism the tokens and the outputs are gathered over the expert-parallel
@@ -102,6 +121,39 @@ def expert_similarity(outputs_END: torch.Tensor) -> ExpertSimilarity:
     cka_EE = pairwise_cka(outputs_END)
     return ExpertSimilarity(cosine=mean_off_diagonal(cos_EE), cka=mean_off_diagonal(cka_EE),
                             cosine_EE=cos_EE.float(), cka_EE=cka_EE.float(), num_tokens=outputs_END.shape[1])
+
+
+def expert_specific_energy(outputs_END: torch.Tensor) -> float:
+    """``1 - sum_n ||mean_e y_e[n]||^2 / mean_e sum_n ||y_e[n]||^2`` (see the module docstring); float64."""
+    y = outputs_END.double()
+    total = float(y.square().sum((1, 2)).mean())
+    if total == 0.0:
+        return 0.0
+    return 1.0 - float(y.mean(0).square().sum()) / total
+
+
+def _entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) over the last dim, with 0 log 0 = 0."""
+    p = probs.double()
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+
+
+def router_entropy(probs_TE: torch.Tensor) -> float:
+    """Mean over tokens of the router probabilities' entropy (nats)."""
+    return float(_entropy(probs_TE).mean())
+
+
+def task_expert_mutual_information(routes_XE: torch.Tensor) -> float:
+    """I(task; expert) in nats from route counts per task (rows) and expert, tasks weighted equally.
+
+    Tasks without routes are left out; fewer than two tasks give 0.
+    """
+    counts = routes_XE.double()
+    counts = counts[counts.sum(1) > 0]
+    if counts.shape[0] < 2:
+        return 0.0
+    q_XE = counts / counts.sum(1, keepdim=True)
+    return float(_entropy(q_XE.mean(0)) - _entropy(q_XE).mean())
 
 
 # --------------------------------------------------------------------------- layers

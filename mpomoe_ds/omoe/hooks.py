@@ -13,10 +13,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from deepspeed.utils import safe_set_full_fp32_param
 from torch import nn
 
+from mpomoe_ds.config import ConfigError
 from mpomoe_ds.moe.experts import MoEExperts
+from mpomoe_ds.mpo.reconstruction import reconstruct_shared
 from mpomoe_ds.omoe.config import OMoEConfig
+from mpomoe_ds.omoe.null_space import leak, max_protected_rank, project_aux_step, protected_basis
 from mpomoe_ds.omoe.projector import mean_other_projector, owm_update, project_input_dim
 
 
@@ -28,8 +32,10 @@ class LayerHooks:
     (``reset="never"``) and the mean projectors of the orthogonal phase.
     """
 
-    def __init__(self, config: OMoEConfig, name: str, experts: MoEExperts) -> None:
+    def __init__(self, config: OMoEConfig, name: str, experts: MoEExperts,
+                 central: Optional[nn.ParameterDict] = None) -> None:
         self.config = config
+        self.central = central  # the layer's CentralTensors ("null_space" keeps it fixed in orthogonal phases)
         self.phase = "off"  # the optimizer's phase for the current step; set by the optimizer only
         self.name = name
         self.experts = experts
@@ -51,7 +57,33 @@ class LayerHooks:
         self.mean_projector: dict[str, Optional[torch.Tensor]] = {m: None for m in self.in_dim}
         self.snapshot: dict[str, torch.Tensor] = {}
         self.grad_kept: dict[str, torch.Tensor] = {}  # ||P_bar G|| / ||G|| of the last backward, for logging
+        self.protected_rank = self._null_space_rank() if config.projection == "null_space" else {}
+        self.basis: dict[str, Optional[torch.Tensor]] = {m: None for m in self.in_dim}  # Q_i (L, I, r)
+        self.leak: dict[str, torch.Tensor] = {}  # (L,) ||Q^T dW|| / ||dW|| of the last applied step
         self.clear_step()
+
+    def _null_space_rank(self) -> dict[str, int]:
+        """Protected directions per matrix, within the structural budget r * d_out < n_aux (else refused)."""
+        if not self.experts.is_mpo:
+            raise ConfigError("omoe.projection='null_space' corrects auxiliary MPO cores: it needs "
+                              "moe.expert_type='mpo' (for plain experts use omoe.projection='update')")
+        if getattr(self.central, "sharded", False):
+            raise ConfigError("omoe.projection='null_space' with moe.shard_central: the correction needs the full "
+                              "central tensor every step, which sharding would all-gather; set "
+                              "moe.shard_central: false")
+        ranks = {}
+        for m in self.in_dim:
+            n_aux = sum(c.numel() for c in self.experts.deepspeed_experts[0].aux_cores(m))
+            budget = max_protected_rank(n_aux, self.out_dim[m])
+            rank = self.config.null_space_rank or max(budget // 2, 1)
+            if budget < 1 or rank > budget:
+                raise ConfigError(
+                    f"omoe.null_space_rank={rank}: layer {self.name} matrix {m!r} has n_aux={n_aux} auxiliary "
+                    f"parameters per expert and d_out={self.out_dim[m]}, so an exactly orthogonal change of W_e can "
+                    f"protect at most r = (n_aux - 1) // d_out = {budget} input directions (r * d_out < n_aux); "
+                    f"lower omoe.null_space_rank (or null for {max(budget // 2, 1)}), or use larger bond dims")
+            ranks[m] = rank
+        return ranks
 
     @property
     def device(self) -> torch.device:
@@ -173,6 +205,44 @@ class LayerHooks:
                 p.copy_(new.to(p.dtype))
         self.snapshot = {}
 
+    # ---- "null_space" projection (MPO experts)
+
+    def set_bases(self) -> None:
+        """Q_i from this phase's mean projectors (no collective: they already hold the others' sum)."""
+        for m, pbar in self.mean_projector.items():
+            self.basis[m] = None if pbar is None else protected_basis(pbar, self.num_experts, self.protected_rank[m])
+
+    def _stacked_aux(self, matrix: str) -> list[torch.Tensor]:
+        cores = zip(*(e.aux_cores(matrix) for e in self.experts.deepspeed_experts))
+        return [torch.stack([c.detach() for c in core]) for core in cores]
+
+    @torch.no_grad()
+    def take_null_space_snapshot(self) -> None:
+        self.snapshot = {}
+        for m in self.in_dim:
+            self.snapshot[m] = {"aux": [a.clone() for a in self._stacked_aux(m)],
+                                "central": self.central[m].detach().clone()}
+
+    def project_null_space(self) -> None:
+        """After the optimizer step: central back to its value, aux steps corrected (see null_space)."""
+        index = self.experts.central_index
+        for m, before in self.snapshot.items():
+            central = before["central"].float()
+            _write_parameter(self.central[m], before["central"])
+
+            def weight_fn(*aux: torch.Tensor) -> torch.Tensor:
+                return reconstruct_shared(list(aux), central, index)
+
+            after = self._stacked_aux(m)
+            fixed = project_aux_step(weight_fn, before["aux"], after, self.basis[m], self.config.cg_iters)
+            for c, core in enumerate(fixed):
+                for e, expert in enumerate(self.experts.deepspeed_experts):
+                    _write_parameter(expert.aux_cores(m)[c], core[e])
+            with torch.no_grad():
+                delta = weight_fn(*[f.float() for f in fixed]) - weight_fn(*[a.float() for a in before["aux"]])
+            self.leak[m] = leak(delta, self.basis[m])
+        self.snapshot = {}
+
     # ---- state
 
     def state_dict(self) -> dict[str, Any]:
@@ -203,6 +273,20 @@ class LayerHooks:
         self.alphas = list(state["alphas"])
         self.projector = {m: dev(t) for m, t in state["projector"].items()}
         self.mean_projector = {m: dev(t) for m, t in state["mean_projector"].items()}
+        if self.config.projection == "null_space":
+            self.set_bases()
+
+
+@torch.no_grad()
+def _write_parameter(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Set a parameter and, under ZeRO 1/2 or bf16, the optimizer's fp32 master copy of it.
+
+    Without this the next optimizer step would copy the master weights back over
+    the correction. ``safe_set_full_fp32_param`` writes only this rank's fragment
+    (no collective) and does nothing for optimizers without master weights.
+    """
+    param.data.copy_(value.to(param.dtype))
+    safe_set_full_fp32_param(param, value.detach().float())
 
 
 def _weight_shapes(experts: MoEExperts) -> dict[str, tuple[int, int]]:

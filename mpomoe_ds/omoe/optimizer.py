@@ -10,6 +10,7 @@ inputs or projects the applied update.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
@@ -19,8 +20,14 @@ from torch import nn
 from mpomoe_ds import parallel
 from mpomoe_ds.config import ConfigError
 from mpomoe_ds.moe.experts import MoEExperts
+from mpomoe_ds.moe.layer import moe_layers
 from mpomoe_ds.omoe.config import PHASES, OMoEConfig
 from mpomoe_ds.omoe.hooks import LayerHooks
+
+GRADIENT_ON_MPO_WARNING = (
+    "omoe.projection='gradient' with MPO experts projects dL/dW_e, but the multilinear core map and Adam's "
+    "per-coordinate scaling undo it: the applied change of W_e leaked 0.31 into the other experts' inputs vs 0.33 "
+    "without OMoE (issue 17, 4 experts, Adam). Use omoe.projection='null_space' for an orthogonal applied update")
 
 
 def check_update_mode_supported(engine: Any) -> None:
@@ -105,7 +112,10 @@ class OrthogonalExpertOptimizer:
         containers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoEExperts)]
         if not containers:
             raise ValueError("OMoE found no MoEExperts in the model: build MoE layers first")
+        centrals = {id(layer.experts): layer.central for _, layer in moe_layers(model)}
         self.layers: dict[str, LayerHooks] = {}
+        if config.projection == "gradient" and any(experts.is_mpo for _, experts in containers):
+            warnings.warn(GRADIENT_ON_MPO_WARNING, stacklevel=2)
         for name, experts in containers:
             if experts.num_experts < 2:
                 raise ConfigError(f"omoe.enabled: layer {name} has {experts.num_experts} expert; OMoE projects "
@@ -113,7 +123,7 @@ class OrthogonalExpertOptimizer:
             if config.projection == "update" and experts.is_mpo:
                 raise ConfigError("omoe.projection='update' needs plain experts (moe.expert_type='ffn'): an MPO "
                                   "expert's W is not a parameter; use omoe.projection='gradient'")
-            self.layers[name] = LayerHooks(config, name, experts)
+            self.layers[name] = LayerHooks(config, name, experts, centrals.get(id(experts)))
         self.phase = "off"
         self.cycle = -1
         self.position = 0
@@ -158,6 +168,9 @@ class OrthogonalExpertOptimizer:
         if phase == "orthogonal" and self.config.projection == "update":
             for state in self.layers.values():
                 state.take_snapshot()
+        if phase == "orthogonal" and self.config.projection == "null_space":
+            for state in self.layers.values():
+                state.take_null_space_snapshot()
         self._in_step = step
         return phase
 
@@ -172,6 +185,9 @@ class OrthogonalExpertOptimizer:
         elif self.phase == "orthogonal" and self.config.projection == "update":
             for state in self.layers.values():
                 state.project_applied_update()
+        elif self.phase == "orthogonal" and self.config.projection == "null_space":
+            for state in self.layers.values():
+                state.project_null_space()
         self._in_step = None
 
     def _set_phase(self, phase: str, cycle: int, position: int) -> None:
@@ -206,6 +222,8 @@ class OrthogonalExpertOptimizer:
         keep = self.config.reset == "never"
         for name, state in self.layers.items():
             state.set_mean_projectors({m: totals[names.index((name, m))] for m in state.in_dim}, keep)
+            if self.config.projection == "null_space":
+                state.set_bases()
         self.counters["phase_changes"] += 1
 
     def _all_reduce(self, tensors: Sequence[torch.Tensor], group: Any) -> list[torch.Tensor]:
@@ -234,6 +252,12 @@ class OrthogonalExpertOptimizer:
                     out[f"omoe/{name}.{m}/free_fraction"] = float(free)
                 if m in state.grad_kept and self.phase == "orthogonal":
                     out[f"omoe/{name}.{m}/grad_kept"] = float(state.grad_kept[m])
+                if m in state.leak:
+                    # ||Q^T dW|| / ||dW|| of the last orthogonal step's applied change, mean / max over local experts.
+                    out[f"omoe/{name}.{m}/leak"] = float(state.leak[m].mean())
+                    out[f"omoe/{name}.{m}/leak_max"] = float(state.leak[m].max())
+                    basis = state.basis[m]
+                    out[f"omoe/{name}.{m}/protected_rank"] = float((basis.norm(dim=1) > 0).sum(-1).float().mean())
         return out
 
     def cost(self, slots_per_expert: int = 0, micro_batches: int = 1) -> OMoECost:

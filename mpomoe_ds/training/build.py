@@ -11,11 +11,12 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from mpomoe_ds import parallel
-from mpomoe_ds.data.tokenize import TaskData
-from mpomoe_ds.models.convert import ConversionReport, convert_model
+from mpomoe_ds.data.tokenize import TaskData, make_batch
+from mpomoe_ds.models.convert import ConversionReport, convert_model, dense_report
 from mpomoe_ds.models.hf import backbone_task, load_model, load_tokenizer
 from mpomoe_ds.models.multitask import MultiTaskModel
 from mpomoe_ds.training.engine import initialize, load_ds_config
@@ -44,7 +45,12 @@ def run_tokenizer(config: RunConfig):
 
 def build_model(config: RunConfig, tasks: Sequence[TaskData],
                 ep_group: Optional[parallel.ProcessGroup]) -> tuple[MultiTaskModel, ConversionReport]:
-    """The converted backbone inside a multi-task model, and the conversion report."""
+    """The converted backbone inside a multi-task model, and the conversion report.
+
+    ``moe.enabled: false`` leaves the backbone dense (the baseline through the
+    same loop). Otherwise the report also says how far conversion moved the
+    backbone's output on a probe batch (:func:`probe_batch`).
+    """
     text_to_text = config.model.objective == "text_to_text"
     needs_lm_head = any(t.spec.kind == "lm" for t in tasks)
     if config.model.random_init:
@@ -55,7 +61,10 @@ def build_model(config: RunConfig, tasks: Sequence[TaskData],
     if head == "seq2seq-lm" and getattr(backbone.config, "decoder_start_token_id", None) is None:
         # T5's convention (its pretrained configs say so); a config built from the model type's defaults lacks it.
         backbone.config.decoder_start_token_id = backbone.config.pad_token_id
-    report = convert_model(backbone, config.moe, config.mpo, ep_group=ep_group)
+    if config.moe.enabled:
+        report = convert_model(backbone, config.moe, config.mpo, ep_group=ep_group, probe=probe_batch(tasks))
+    else:
+        report = dense_report(backbone, config.moe)
     if config.train.activation_checkpointing:
         # Non-reentrant: the first forward keeps its autograd graph (the balance loss needs it).
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -66,6 +75,18 @@ def build_model(config: RunConfig, tasks: Sequence[TaskData],
                            label_targets={t.spec.name: torch.from_numpy(t.label_word_ids_CT) for t in tasks
                                           if text_to_text and t.label_word_ids_CT is not None})
     return model, report
+
+
+def probe_batch(tasks: Sequence[TaskData], rows: int = 8) -> Optional[dict[str, torch.Tensor]]:
+    """Backbone inputs of the first ``rows`` validation examples of the first task that has them (None: none has).
+
+    The same rows on every rank, as the collective MoE forward needs.
+    """
+    task = next((t for t in tasks if t.validation is not None and len(t.validation)), None)
+    if task is None:
+        return None
+    batch = make_batch(task, task.validation, np.arange(min(rows, len(task.validation))))
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def lr_lambda(config: RunConfig) -> Callable[[int], float]:

@@ -17,6 +17,15 @@ class OptimConfig:
     lr: peak learning rate of AdamW. weight_decay: decoupled decay (not on biases/norms).
     betas / eps: AdamW's. warmup_steps: linear warm-up from 0 to lr.
     schedule: after warm-up, "linear" decay to 0 at train.max_steps, "cosine", or "constant".
+    central_lr_mult / aux_lr_mult: per-kind learning-rate multipliers
+        (:func:`mpomoe_ds.moe.params.parameter_kind`): MPO central tensors
+        train at central_lr_mult * lr, expert parameters (auxiliary cores and
+        expert biases) at aux_lr_mult * lr, in their own optimizer groups
+        (the schedule scales every group alike; weight decay, lr * wd in
+        AdamW, follows). central_lr_mult 0 = frozen central (the MPOE
+        reference code's mode). The ds_config's own optimizer lr is the base
+        when it has an "optimizer" block; a ds_config "scheduler" block
+        would overwrite every group's lr, so it is refused unless both are 1.
     """
 
     lr: float = 1e-4
@@ -25,6 +34,8 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 20
     schedule: str = "linear"
+    central_lr_mult: float = 1.0
+    aux_lr_mult: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -36,6 +47,14 @@ class OptimConfig:
         if self.warmup_steps < 0:
             fail("optim", "warmup_steps", self.warmup_steps, "use warmup_steps >= 0")
         check_choice("optim", "schedule", self.schedule, SCHEDULES)
+        for name in ("central_lr_mult", "aux_lr_mult"):
+            if not getattr(self, name) >= 0:
+                fail("optim", name, getattr(self, name), "use a multiplier >= 0 (1 = the base lr, 0 = frozen)")
+
+    @property
+    def lr_mults(self) -> dict[str, float]:
+        """Parameter kind -> learning-rate multiplier (dense parameters always 1)."""
+        return {"dense": 1.0, "central": self.central_lr_mult, "expert": self.aux_lr_mult}
 
 
 @dataclass

@@ -79,7 +79,9 @@ def initialize(model: nn.Module, ds_config: Union[str, Path, dict], *, optim: Op
                optimizer: Optional[torch.optim.Optimizer] = None, lr_scheduler: Any = None) -> Any:
     """``deepspeed.initialize`` with validation and MoE parameter groups; returns the engine.
 
-    The optimizer is ``optimizer`` if given (build it over
+    With ``optim.central_lr_mult`` / ``optim.aux_lr_mult`` not 1 the groups
+    carry their own lr (:func:`optimizer_param_groups`), the base being the
+    ds_config optimizer's lr if it has one, else ``optim.lr``. The optimizer is ``optimizer`` if given (build it over
     :func:`optimizer_param_groups`), else the ds_config's "optimizer" block,
     else torch's AdamW built from ``optim`` (default :class:`OptimConfig`: lr,
     betas, eps, weight decay, no decay on biases and norms). ``lr_scheduler``
@@ -90,7 +92,8 @@ def initialize(model: nn.Module, ds_config: Union[str, Path, dict], *, optim: Op
     config = load_ds_config(ds_config)
     validate_ds_config(config, model)
     optim = optim or OptimConfig()
-    groups = optimizer_param_groups(model, optim.weight_decay)
+    check_lr_mults(config, optim)
+    groups = optimizer_param_groups(model, optim.weight_decay, lr=_base_lr(config, optim), lr_mults=optim.lr_mults)
     if optimizer is None and "optimizer" not in config:
         optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                       weight_decay=optim.weight_decay)
@@ -100,6 +103,22 @@ def initialize(model: nn.Module, ds_config: Union[str, Path, dict], *, optim: Op
                                            lr_scheduler=lr_scheduler,
                                            config=config)
     return engine
+
+
+def check_lr_mults(ds_config: dict[str, Any], optim: OptimConfig) -> None:
+    """Refuse a ds_config scheduler with lr multipliers: DeepSpeed's schedulers set every group's lr alike."""
+    if "scheduler" in ds_config and (optim.central_lr_mult, optim.aux_lr_mult) != (1.0, 1.0):
+        raise DeepSpeedConfigError(
+            f"optim.central_lr_mult={optim.central_lr_mult} / optim.aux_lr_mult={optim.aux_lr_mult} need per-group "
+            f"learning rates, but the ds_config's \"scheduler\" block ({ds_config['scheduler'].get('type')}) sets "
+            f"every parameter group to the same lr; remove the scheduler block (the run then uses optim.schedule, "
+            f"which scales each group's lr) or set both multipliers to 1")
+
+
+def _base_lr(ds_config: dict[str, Any], optim: OptimConfig) -> float:
+    """The lr the multipliers scale: the ds_config optimizer's, else ``optim.lr``."""
+    params = (ds_config.get("optimizer") or {}).get("params") or {}
+    return float(params.get("lr", optim.lr))
 
 
 def global_grad_norm(model: nn.Module, ep_group: Optional[parallel.ProcessGroup]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Evaluation during training: per-task metrics over all ranks, and expert-similarity metrics.
+"""Evaluation during training: per-task metrics over all ranks, expert-similarity and specialisation metrics.
 
 Every validation example is evaluated exactly once across ranks
 (:mod:`mpomoe_ds.data.eval`); metrics and the eval loss are computed from the
@@ -17,7 +17,13 @@ from mpomoe_ds.data.eval import eval_batches, gather_eval
 from mpomoe_ds.data.tasks import compute_metrics, lm_metrics
 from mpomoe_ds.data.tokenize import TaskData, make_batch
 from mpomoe_ds.moe.layer import moe_layers
-from mpomoe_ds.omoe.diversity import layer_expert_similarity
+from mpomoe_ds.omoe.diversity import (
+    dense_expert_outputs,
+    expert_similarity,
+    expert_specific_energy,
+    router_entropy,
+    task_expert_mutual_information,
+)
 from mpomoe_ds.training.run_config import RunConfig
 
 
@@ -89,17 +95,84 @@ def eval_loss(kind: str, predictions: np.ndarray, labels: np.ndarray) -> float:
 
 def diversity_metrics(model: torch.nn.Module, tasks: Sequence[TaskData], config: RunConfig,
                       device: torch.device) -> dict[str, float]:
-    """Mean pairwise cosine similarity and linear CKA of experts' outputs, per MoE layer."""
+    """Per MoE layer: expert similarity and specialisation (train.diversity_tokens > 0).
+
+    ``diversity/layer{i}/cosine`` / ``cka`` / ``specific_energy``: all experts
+    on the same tokens (:mod:`mpomoe_ds.omoe.diversity`); ``routing/layer{i}/entropy``
+    and (two or more tasks) ``routing/layer{i}/task_expert_mi``: the router on
+    every task's own tokens (:func:`routing_metrics`).
+    """
     if config.train.diversity_tokens <= 0:
         return {}
     inputs = _moe_layer_inputs(model, tasks, config, device)
     out = {}
     for index, (_, layer) in enumerate(moe_layers(model)):
         if index in inputs:
-            sim = layer_expert_similarity(layer, inputs[index])
+            outputs_END = dense_expert_outputs(layer, inputs[index])
+            sim = expert_similarity(outputs_END)
             out[f"diversity/layer{index}/cosine"] = float(sim.cosine)
             out[f"diversity/layer{index}/cka"] = float(sim.cka)
+            out[f"diversity/layer{index}/specific_energy"] = expert_specific_energy(outputs_END)
+    out.update(routing_metrics(model, tasks, config, device))
     return out
+
+
+@torch.no_grad()
+def routing_metrics(model: torch.nn.Module, tasks: Sequence[TaskData], config: RunConfig,
+                    device: torch.device) -> dict[str, float]:
+    """Router entropy and the task-expert mutual information per MoE layer, on each task's validation tokens.
+
+    Each task with a validation split contributes its first
+    ``diversity_tokens // max_seq_len`` rows (the same rows on every rank, so
+    every rank computes the same numbers, no collective); only the tokens the
+    attention mask keeps count. The router runs in eval mode (no noise).
+    """
+    layers = [layer for _, layer in moe_layers(model)]
+    if not layers:
+        return {}
+    probs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    routes: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    for task in tasks:
+        if task.validation is None or not len(task.validation):
+            continue
+        batch = _validation_rows(task, config)
+        for index, x_ND in _moe_layer_inputs_of(model, batch, device).items():
+            routing = layers[index].deepspeed_moe.gate(x_ND)
+            probs[index].append(routing.probs_TE)
+            routes[index].append(torch.bincount(routing.experts_TK.reshape(-1), minlength=layers[index].num_experts))
+    out = {}
+    for index in range(len(layers)):
+        if probs[index]:
+            out[f"routing/layer{index}/entropy"] = router_entropy(torch.cat(probs[index]))
+        if len(routes[index]) >= 2:
+            out[f"routing/layer{index}/task_expert_mi"] = task_expert_mutual_information(torch.stack(routes[index]))
+    return out
+
+
+def _validation_rows(task: TaskData, config: RunConfig) -> dict[str, torch.Tensor]:
+    rows = max(1, config.train.diversity_tokens // config.data.max_seq_len)
+    return make_batch(task, task.validation, np.arange(min(rows, len(task.validation))))
+
+
+def _moe_layer_inputs_of(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                         device: torch.device) -> dict[int, torch.Tensor]:
+    """The hidden states entering each MoE layer on ``batch``, at the positions its attention mask keeps."""
+    mask = batch["attention_mask"].reshape(-1).bool()
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for index, (_, layer) in enumerate(moe_layers(model)):
+        def capture(module, inputs, output, index=index):
+            x_ND = inputs[0].reshape(-1, inputs[0].shape[-1])
+            captured[index] = x_ND[mask.to(x_ND.device)] if x_ND.shape[0] == mask.numel() else x_ND
+        handles.append(layer.register_forward_hook(capture))
+    model.eval()
+    try:
+        model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        for h in handles:
+            h.remove()
+        model.train()
+    return captured
 
 
 @torch.no_grad()

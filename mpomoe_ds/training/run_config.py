@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from mpomoe_ds.config import apply_overrides, from_dict, load_mapping, to_dict
+from mpomoe_ds.config import apply_overrides, fail, from_dict, load_mapping, to_dict
 from mpomoe_ds.data.config import DataConfig
 from mpomoe_ds.models.config import ModelConfig
 from mpomoe_ds.moe.config import MoEConfig
@@ -44,6 +44,20 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        """Checks that span sections (each section validated itself already)."""
+        if not self.moe.enabled and self.omoe.enabled:
+            fail("omoe", "enabled", True, "moe.enabled is false (the dense model has no experts); "
+                  "set omoe.enabled: false or moe.enabled: true")
+        optim, moe = self.optim, self.moe
+        if not moe.enabled and (optim.central_lr_mult, optim.aux_lr_mult) != (1.0, 1.0):
+            fail("optim", "central_lr_mult", (optim.central_lr_mult, optim.aux_lr_mult),
+                  "moe.enabled is false, so there are no central or expert parameters to scale; leave both "
+                  "multipliers at 1")
+        if moe.expert_type != "mpo" and optim.central_lr_mult != 1.0:
+            fail("optim", "central_lr_mult", optim.central_lr_mult,
+                  "plain experts (moe.expert_type 'ffn') have no central tensor; leave it at 1")
 
 
 def load_run_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -380,7 +380,8 @@ class Trainer:
                    "untrained_eval": {k: v for k, v in baseline.items() if k != "diversity"},
                    "untrained_diversity": baseline.get("diversity", {}),
                    "omoe": self.omoe.stats() if self.omoe is not None else None,
-                   "parameters": self.report.as_dict()["params_after"]}
+                   "parameters": self.report.as_dict()["params_after"],
+                   "init_distance": self.report.init_distance()}
         checkpoint.atomic_write_json(self.output_dir / "metrics.json", metrics)
         if stopped is None:
             self.monitor.log(format_results(metrics))

@@ -1,0 +1,292 @@
+"""Do upcycled MPO experts specialise? Every issue-17 option against copy init, its control, FFN experts and dense.
+
+The task (where specialisation matters): tokens come from E = 4 clusters
+(centres of norm 3 plus unit noise) and each cluster has its own teacher
+``y = tanh(x T_c)``. A dense FFN (hidden 32, FFN 128, GELU) is first trained
+on the mixture ("pretrained"), then upcycled into one MoE layer with 4 experts
+(5-core lossless MPO, learned top-1 router, dropless, no balancing loss) and
+trained on with Adam. Ideal experts become one teacher each. All arms of a
+seed share the pretrained FFN and the data stream.
+
+Arms (each uses the project's own code path for its option):
+
+    copy            upcycled copies + 1% noise (moe.expert_init="perturb", init_noise 0.01)
+    rotation        + moe.rotation_angle = 1 (Haar rotation of the bonds next to the central)
+    rotation_0.3    + moe.rotation_angle = 0.3
+    reinit_0.5      + moe.aux_reinit_fraction = 0.5
+    balanced        mpo.gauge = "balanced"
+    central_lr_0.1  optim central_lr_mult 0.1 (optimizer groups from optimizer_param_groups)
+    frozen_central  moe.central_grad_keep_prob = 0 (the MPOE reference code's only mode)
+    omoe_gradient   OMoE, projection "gradient" (the old one)
+    omoe_gradient_shrink   its direction-free control: P_bar replaced by trace(P_bar)/d * I
+    omoe_null_space        OMoE, projection "null_space" (the new one)
+    omoe_null_space_random its direction-free control: same rank, same central freeze in
+                    orthogonal phases, but Q a random orthonormal basis instead of the others' inputs
+    rotation+null_space    the two combined
+    ffn             plain FFN experts (moe.expert_type="ffn"), copies + 1% noise
+    dense           the pretrained dense FFN trained on (no experts)
+
+Reported per arm over seeds (mean and std): mean pairwise cosine and linear CKA
+of the experts' outputs on held-out tokens (all experts run densely,
+mpomoe_ds.omoe.diversity), expert-specific output energy, held-out MSE, and
+for the null-space arms the logged leak. JSON, Markdown table and PNG go to
+benchmarks/results/specialisation.*. Single thread.
+
+    python benchmarks/specialisation.py                  # 8 seeds, ~3-5 min on one core
+    python benchmarks/specialisation.py --seeds 2 --steps 60 --out /tmp/spec   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from omoe_diversity import shrink_control  # noqa: E402
+
+from mpomoe_ds.moe.config import MoEConfig  # noqa: E402
+from mpomoe_ds.moe.experts import activation_function  # noqa: E402
+from mpomoe_ds.moe.layer import DenseFFN, MPOEMoE  # noqa: E402
+from mpomoe_ds.moe.params import optimizer_param_groups  # noqa: E402
+from mpomoe_ds.moe.step import MoEStep  # noqa: E402
+from mpomoe_ds.mpo.config import MPOConfig  # noqa: E402
+from mpomoe_ds.omoe.config import OMoEConfig  # noqa: E402
+from mpomoe_ds.omoe.diversity import dense_expert_outputs, expert_specific_energy, expert_similarity  # noqa: E402
+from mpomoe_ds.omoe.hooks import LayerHooks  # noqa: E402
+from mpomoe_ds.omoe.optimizer import OrthogonalExpertOptimizer  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+D, F, E = 32, 128, 4
+LR, BATCH, PRETRAIN_STEPS = 3e-3, 128, 200
+
+
+@dataclass
+class Arm:
+    name: str
+    moe: dict[str, Any] = field(default_factory=dict)
+    mpo: dict[str, Any] = field(default_factory=dict)
+    lr_mults: Optional[dict[str, float]] = None
+    omoe: Optional[dict[str, Any]] = None
+    control: Optional[str] = None  # "shrink" (gradient OMoE) or "random_basis" (null-space OMoE)
+    dense: bool = False
+
+
+OMOE = dict(enabled=True, acc_steps=20, orth_steps=20, alpha=1e-3, matrices=["up"], cg_iters=15)  # 15: CPU budget
+ARMS = [
+    Arm("copy"),
+    Arm("rotation", moe=dict(rotation_angle=1.0)),
+    Arm("rotation_0.3", moe=dict(rotation_angle=0.3)),
+    Arm("reinit_0.5", moe=dict(aux_reinit_fraction=0.5)),
+    Arm("balanced", mpo=dict(gauge="balanced")),
+    Arm("central_lr_0.1", lr_mults={"central": 0.1}),
+    Arm("frozen_central", moe=dict(central_grad_keep_prob=0.0)),
+    Arm("omoe_gradient", omoe=dict(OMOE, projection="gradient")),
+    Arm("omoe_gradient_shrink", omoe=dict(OMOE, projection="gradient"), control="shrink"),
+    Arm("omoe_null_space", omoe=dict(OMOE, projection="null_space")),
+    Arm("omoe_null_space_random", omoe=dict(OMOE, projection="null_space"), control="random_basis"),
+    Arm("rotation+null_space", moe=dict(rotation_angle=1.0), omoe=dict(OMOE, projection="null_space")),
+    Arm("ffn", moe=dict(expert_type="ffn")),
+    Arm("dense", dense=True),
+]
+
+
+class Task:
+    """Clustered tokens with one teacher per cluster; one generator, so every arm sees the same stream."""
+
+    def __init__(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        centres = torch.randn(E, D, generator=gen)
+        self.centres = 3.0 * centres / centres.norm(dim=1, keepdim=True)
+        self.teachers = torch.randn(E, D, D, generator=gen) / 4
+        self.seed = seed
+        self.held_out = self.batch(1024, torch.Generator().manual_seed(10_000 + seed))
+
+    def batch(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        cluster = torch.randint(0, E, (n,), generator=gen)
+        x = self.centres[cluster] + torch.randn(n, D, generator=gen)
+        return x, torch.tanh(torch.bmm(x.unsqueeze(1), self.teachers[cluster]).squeeze(1))
+
+
+def dense_forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    act = activation_function(MoEConfig().activation)
+    return act(x @ params["up_weight"] + params["up_bias"]) @ params["down_weight"] + params["down_bias"]
+
+
+def train_dense(task: Task, steps: int, params: Optional[dict[str, torch.Tensor]] = None,
+                data_seed: int = 0) -> dict[str, torch.Tensor]:
+    """The "pretrained" FFN: Adam on the cluster mixture from DenseFFN.random (or continue ``params``)."""
+    if params is None:
+        init = DenseFFN.random(D, F, seed=task.seed, std=0.1)
+        params = {f"{m}_{k}": getattr(init, f"{m}_{k}") for m in ("up", "down") for k in ("weight", "bias")}
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    opt = torch.optim.Adam(params.values(), lr=LR)
+    gen = torch.Generator().manual_seed(data_seed)
+    for _ in range(steps):
+        x, y = task.batch(BATCH, gen)
+        loss = (dense_forward(params, x) - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach() for k, v in params.items()}
+
+
+def random_basis_control(state: LayerHooks, gen: torch.Generator) -> None:
+    """Replace OMoE's protected bases by random orthonormal ones of the same per-expert rank."""
+    LayerHooks.set_bases(state)
+    for m, basis in state.basis.items():
+        if basis is None:
+            continue
+        rank_L = (basis.norm(dim=1) > 0).sum(-1)
+        random = torch.linalg.qr(torch.randn(basis.shape, generator=gen)).Q
+        keep = (torch.arange(basis.shape[-1]).unsqueeze(0) < rank_L.unsqueeze(1)).to(random.dtype)
+        state.basis[m] = random * keep.unsqueeze(1)
+
+
+def build_omoe(layer: MPOEMoE, arm: Arm, seed: int) -> Optional[OrthogonalExpertOptimizer]:
+    if arm.omoe is None:
+        return None
+    omoe = OrthogonalExpertOptimizer(layer, OMoEConfig(**arm.omoe))
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    for state in omoe.layers.values():
+        if arm.control == "shrink":
+            state.set_mean_projectors = lambda sums, keep, s=state: shrink_control(s, sums, keep)
+        elif arm.control == "random_basis":
+            state.set_bases = lambda s=state: random_basis_control(s, gen)
+    return omoe
+
+
+def run_moe(task: Task, pretrained: dict[str, torch.Tensor], arm: Arm, steps: int) -> dict[str, float]:
+    torch.manual_seed(task.seed)
+    dense = DenseFFN(**{k: v.clone() for k, v in pretrained.items()})
+    moe = MoEConfig(**{"num_experts": E, "ep_size": 1, "k": 1, "expert_init": "perturb", "init_noise": 0.01,
+                       "seed": task.seed, "aux_loss_coef": 0.0, "layers": "all", **arm.moe})
+    layer = MPOEMoE.from_dense(dense, moe, MPOConfig(num_cores=5, **arm.mpo))
+    omoe = build_omoe(layer, arm, task.seed)
+    moe_step = MoEStep(layer, participants=[omoe] if omoe else [])
+    opt = torch.optim.Adam(optimizer_param_groups(layer, lr=LR, lr_mults=arm.lr_mults), lr=LR)
+    gen = torch.Generator().manual_seed(1)
+    leaks = []
+    for step in range(steps):
+        moe_step.begin_step(step)
+        moe_step.begin_micro_batch(0, is_last=True)
+        layer.train()
+        x, y = task.batch(BATCH, gen)
+        out, _, _ = layer(x)
+        loss = (out - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        moe_step.end_step(step)
+        if omoe is not None and omoe.phase == "orthogonal":
+            leaks += [v for k, v in omoe.stats().items() if k.endswith("/leak")]
+    layer.eval()
+    x, y = task.held_out
+    with torch.no_grad():
+        held_out = float((layer(x)[0] - y).square().mean())
+        outputs = dense_expert_outputs(layer, x)
+    sim = expert_similarity(outputs)
+    return {"cosine": sim.cosine, "cka": sim.cka, "specific_energy": expert_specific_energy(outputs),
+            "loss": held_out, "leak": statistics.mean(leaks) if leaks else float("nan")}
+
+
+def run_arm(task: Task, pretrained: dict[str, torch.Tensor], arm: Arm, steps: int) -> dict[str, float]:
+    if arm.dense:
+        params = train_dense(task, steps, pretrained, data_seed=1)
+        x, y = task.held_out
+        loss = float((dense_forward(params, x) - y).square().mean())
+        return {"cosine": 1.0, "cka": 1.0, "specific_energy": 0.0, "loss": loss, "leak": float("nan")}
+    return run_moe(task, pretrained, arm, steps)
+
+
+def summary(rows: list[dict[str, float]], key: str) -> tuple[float, float]:
+    values = [r[key] for r in rows]
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def recommend(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """Lowest mean cosine among MPO arms whose mean loss is within 5% of plain FFN experts and below copy's cosine."""
+    ffn_loss, copy_cos = summary(results["ffn"], "loss")[0], summary(results["copy"], "cosine")[0]
+    eligible = [a for a in results if a not in ("ffn", "dense", "copy") and
+                summary(results[a], "loss")[0] <= 1.05 * ffn_loss and summary(results[a], "cosine")[0] < copy_cos]
+    best = min(eligible, key=lambda a: summary(results[a], "cosine")[0]) if eligible else None
+    return {"arm": best, "ffn_loss": ffn_loss, "copy_cosine": copy_cos, "eligible": eligible}
+
+
+def markdown(results: dict[str, list[dict[str, float]]], meta: dict[str, Any]) -> str:
+    lines = [f"Specialisation task ({meta['seeds']} seeds, {meta['steps']} steps, mean +- std; "
+             f"`python benchmarks/specialisation.py`)", "",
+             "| arm | cosine | CKA | specific energy | held-out MSE | leak |", "|---|---|---|---|---|---|"]
+    for arm, rows in results.items():
+        cells = []
+        for key, fmt in (("cosine", ".3f"), ("cka", ".3f"), ("specific_energy", ".3f"), ("loss", ".4f")):
+            mean, std = summary(rows, key)
+            cells.append(f"{mean:{fmt}} +- {std:{fmt}}")
+        leak = summary(rows, "leak")[0]
+        cells.append("-" if leak != leak else f"{leak:.3f}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    rec = meta["recommendation"]
+    lines += ["", f"Recommended (lowest cosine with loss <= 1.05 x FFN experts' {rec['ffn_loss']:.4f} and cosine "
+              f"below copy's {rec['copy_cosine']:.3f}): **{rec['arm']}**."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, list[dict[str, float]]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for arm, rows in results.items():
+        (cx, sx), (ly, sy) = summary(rows, "cosine"), summary(rows, "loss")
+        ax.errorbar(cx, ly, xerr=sx, yerr=sy, fmt="o", capsize=3, label=arm)
+    ax.set_xlabel("mean pairwise expert output cosine (lower = more specialised)")
+    ax.set_ylabel("held-out MSE")
+    ax.set_title("Specialisation task: 4 experts, hidden 32, FFN 128")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--only", nargs="*", default=None, help="arm names to run (default: all)")
+    parser.add_argument("--out", default=str(RESULTS / "specialisation"), help="path prefix of .json/.md/.png")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    arms = [a for a in ARMS if args.only is None or a.name in args.only]
+    results: dict[str, list[dict[str, float]]] = {a.name: [] for a in arms}
+    start = time.time()
+    for seed in range(args.seeds):
+        task = Task(seed)
+        pretrained = train_dense(task, PRETRAIN_STEPS)
+        for arm in arms:
+            results[arm.name].append(run_arm(task, pretrained, arm, args.steps))
+        print(f"seed {seed} done ({time.time() - start:.0f}s)", flush=True)
+    meta = {"seeds": args.seeds, "steps": args.steps, "seconds": time.time() - start,
+            "sizes": {"hidden": D, "ffn": F, "experts": E, "cores": 5}, "lr": LR, "batch": BATCH,
+            "pretrain_steps": PRETRAIN_STEPS, "omoe": OMOE}
+    if "ffn" in results and "copy" in results:
+        meta["recommendation"] = recommend(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    if "recommendation" in meta:
+        table = markdown(results, meta)
+        out.with_suffix(".md").write_text(table)
+        print(table)
+    plot(results, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

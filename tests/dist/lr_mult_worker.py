@@ -1,0 +1,45 @@
+"""Worker: one optimizer step through the Trainer; how far each parameter kind moved, and the optimizer's groups.
+
+Launched by tests under torchrun. ``--run_config`` is a run-config YAML,
+``--ds_config`` a ds_config JSON. Writes per rank the largest absolute change
+of any entry per kind (dense / central / expert, :func:`parameter_kind`)
+after the first step, and each optimizer param group's name, lr and size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mpomoe_ds.moe.params import parameter_kind
+from mpomoe_ds.training.build import resolve_ds_config
+from mpomoe_ds.training.run_config import load_run_config
+from mpomoe_ds.training.trainer import Trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run_config", required=True)
+    parser.add_argument("--ds_config", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    trainer = Trainer(load_run_config(args.run_config), resolve_ds_config(args.ds_config), resume=False)
+    trainer.setup()
+    model = trainer.engine.module
+    model.train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.train_step(0, iter(trainer.batches))
+    moved: dict[str, float] = {"dense": 0.0, "central": 0.0, "expert": 0.0}
+    for name, p in model.named_parameters():
+        kind = parameter_kind(p)
+        moved[kind] = max(moved[kind], float((p.detach() - before[name]).abs().max()))
+    optimizer = trainer.engine.optimizer
+    groups = [{"name": g.get("name"), "lr": g["lr"], "moe": bool(g.get("moe", False)),
+               "numel": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]
+    result = {"moved": moved, "groups": groups, "rank": trainer.rank, "zero_stage": trainer.engine.zero_optimization_stage()}
+    with open(f"{args.out}.rank{trainer.rank}.json", "w") as fh:
+        json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    main()

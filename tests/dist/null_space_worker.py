@@ -1,0 +1,67 @@
+"""2-rank worker: the Trainer with ``omoe.projection="null_space"`` (ep 2), measured from the outside.
+
+Launched by tests/omoe/test_null_space.py under torchrun with a run config and a
+DeepSpeed config (ZeRO 0 or 2). Per orthogonal step it measures, on this rank's
+local experts, the applied change of each reconstructed W_up against the
+protected basis OMoE uses, and whether the central tensor stayed put. At the
+end it compares every projected parameter with the optimizer's fp32 master
+copy (``safe_get_full_fp32_param``, collective under ZeRO): they must agree,
+or the next step would undo the correction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from deepspeed.utils import safe_get_full_fp32_param
+
+from mpomoe_ds.moe.layer import moe_layers
+from mpomoe_ds.omoe.null_space import leak
+from mpomoe_ds.training.run_config import load_run_config
+from mpomoe_ds.training.trainer import Trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--ds", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    config = load_run_config(args.config)
+    with open(args.ds) as fh:
+        ds = json.load(fh)
+    trainer = Trainer(config, ds, resume=False)
+    trainer.setup()
+    trainer.engine.module.train()
+    batches = iter(trainer.batches)
+    layers = dict(moe_layers(trainer.model))
+    leaks, central_moves, phases = [], [], []
+    for step in range(config.train.max_steps):
+        before = {n: (l.expert_weights()["up"].detach().clone(), l.central["up"].detach().clone())
+                  for n, l in layers.items()}
+        trainer.train_step(step, batches)
+        phases.append(trainer.omoe.phase)
+        if trainer.omoe.phase != "orthogonal":
+            continue
+        for name, layer in layers.items():
+            state = trainer.omoe._by_experts[id(layer.experts)]
+            delta = layer.expert_weights()["up"].detach() - before[name][0]
+            leaks.append(leak(delta, state.basis["up"]).max().item())
+            central_moves.append((layer.central["up"].detach() - before[name][1]).abs().max().item())
+    master_gap = 0.0
+    for layer in layers.values():
+        params = [layer.central["up"]] + [c for e in layer.experts.deepspeed_experts for c in e.aux_cores("up")]
+        for p in params:
+            master = safe_get_full_fp32_param(p)
+            if master is not None:
+                master_gap = max(master_gap, (master.view_as(p) - p.detach().float()).abs().max().item())
+    metrics = {"phases": phases, "leaks": leaks, "central_moves": central_moves, "master_gap": master_gap,
+               "has_master": safe_get_full_fp32_param(next(iter(layers.values())).central["up"]) is not None,
+               "stats": trainer.omoe.stats()}
+    with open(f"{args.out}.rank{trainer.rank}.json", "w") as fh:
+        json.dump(metrics, fh)
+
+
+if __name__ == "__main__":
+    main()
