@@ -103,6 +103,12 @@ def _zero_step(engine: Any) -> Optional[float]:
     return None
 
 
+def _link_zero_state(engine: Any) -> None:
+    """Point every parameter's ZeRO fragment at the current Adam state (DeepSpeed links it once, lazily)."""
+    engine.optimizer._hp_optimizer_states_linked = False
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def _full(placed: Placed, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``tensor`` at full size: central shards all-gathered over the expert-parallel group (collective)."""
     if tensor is None:
@@ -135,6 +141,8 @@ def global_state(engine: Any, ep_size: int) -> dict[str, dict[str, Any]]:
     """This rank's entries (those it owns), keyed by global name. Collective over the world."""
     zero = bool(engine.zero_optimization())
     zero_step = _zero_step(engine) if zero else None
+    if zero_step is not None:
+        _link_zero_state(engine)
     entries = {}
     for placed in placed_parameters(engine.module, ep_size):
         entry = _entry(engine, placed, zero, zero_step)
@@ -225,8 +233,7 @@ def _ensure_zero_state(engine: Any, entries: dict[str, dict[str, Any]], placed: 
     for flat in zero_opt.single_partition_of_fp32_groups:
         zero_opt.optimizer.state[flat] = {"step": torch.tensor(max(steps), dtype=torch.float32),
                                           **{k: torch.zeros_like(flat) for k in MOMENTS}}
-    zero_opt._hp_optimizer_states_linked = False
-    zero_opt._lazy_init_hp_params_optimizer_state()
+    _link_zero_state(engine)
 
 
 def _restore_schedule(engine: Any, meta: dict[str, Any]) -> None:

@@ -107,6 +107,7 @@ def saved_runs(tmp_path_factory):
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(1800)  # five launches (the saved run, the worker, resumed, reference) on a shared 2-core machine
 @pytest.mark.parametrize("expert_type,zero,shard,world,ep_size", CASES)
 def test_resume_at_another_world_and_ep_size_continues_like_an_uninterrupted_run(saved_runs, tmp_path, expert_type,
                                                                                   zero, shard, world, ep_size):
@@ -167,6 +168,7 @@ def _launch_worker(world: int, run: Path, ds: Path, out: Path) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(1200)
 def test_resume_at_another_global_batch_is_refused_naming_the_micro_batch(saved_runs, tmp_path):
     """World 1 with micro-batch 8 (global batch 8, saved 16): the task stream cannot continue exactly."""
     saved = saved_runs("mpo", 0, False)
