@@ -57,6 +57,13 @@ def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return functools.partial(getattr(F, function), **kwargs)
 
 
+class Gather(Protocol):
+    """Gathers per-expert (L, ...) stacks into the group's (E, ...) stacks (:class:`mpomoe_ds.moe.aux_gather.AuxGather`)."""
+
+    def gather(self, stacks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Differentiable; gradients return to the owners."""
+
+
 class ExpertHooks(Protocol):
     """What an expert-update transformer (e.g. the orthogonal optimizer) implements.
 
@@ -207,20 +214,26 @@ class MoEExperts(Experts):
         """Whether the next forward can use ``active_L`` (MPO experts rebuilt in this forward)."""
         return self.is_mpo and not self._cache_in_use()
 
-    def _mpo_cores(self, matrix: str, central: dict[str, torch.Tensor],
-                   active_A: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        aux = [torch.stack(list(cores)) for cores in zip(*(e.aux_cores(matrix) for e in self.deepspeed_experts))]
-        if active_A is not None:
-            aux = [a.index_select(0, active_A) for a in aux]
-        return aux, central[matrix]
+    def _aux_stacks(self, gather: Optional[Gather]) -> dict[str, list[torch.Tensor]]:
+        """{matrix: [(L, ...) per auxiliary core]}; with ``gather``, (E, ...) stacks of the whole group."""
+        stacks = {m: [torch.stack(list(cores)) for cores in zip(*(e.aux_cores(m) for e in self.deepspeed_experts))]
+                  for m in self.matrices}
+        if gather is None:
+            return stacks
+        counts = [len(stacks[m]) for m in self.matrices]
+        flat = iter(gather.gather([a for m in self.matrices for a in stacks[m]]))
+        return {m: [next(flat) for _ in range(n)] for m, n in zip(self.matrices, counts)}
 
     def expert_weights(self, central: Optional[dict[str, torch.Tensor]] = None,
-                       active_L: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                       active_L: Optional[torch.Tensor] = None,
+                       gather: Optional[Gather] = None) -> dict[str, torch.Tensor]:
         """{"up": (L, D, F), "down": (L, F, D)} (and "gate": (L, D, F)) for every local expert.
 
         MPO experts: one batched reconstruction per matrix
         (:func:`reconstruct_shared`). With ``active_L`` (bool, (L,)) only those
-        experts are rebuilt; the other rows are zero.
+        experts are rebuilt; the other rows are zero. With ``gather``
+        (``moe.dispatch: aux_gather``) every expert of the expert-parallel
+        group is rebuilt from gathered auxiliary tensors: (E, ...) rows.
         """
         experts = self.deepspeed_experts
         if not self.is_mpo:
@@ -228,20 +241,21 @@ class MoEExperts(Experts):
         if central is None:
             raise ValueError("MPO experts need the layer's central tensors to reconstruct their weights")
         active_A = None if active_L is None else torch.nonzero(active_L).flatten()
+        stacks = self._aux_stacks(gather)
         weights = {}
         for m in self.matrices:
-            aux, core = self._mpo_cores(m, central, active_A)
-            w = reconstruct_shared(aux, core, self.central_index)
+            aux = stacks[m] if active_A is None else [a.index_select(0, active_A) for a in stacks[m]]
+            w = reconstruct_shared(aux, central[m], self.central_index)
             if active_A is not None:
                 w = w.new_zeros(len(experts), *w.shape[1:]).index_copy(0, active_A, w)
             weights[m] = w
         return weights
 
-    def _training_weights(self, central: Optional[dict[str, torch.Tensor]],
-                          active_L: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _training_weights(self, central: Optional[dict[str, torch.Tensor]], active_L: Optional[torch.Tensor],
+                          gather: Optional[Gather]) -> dict[str, torch.Tensor]:
         """The weights of this forward: from the per-step reconstruction, or rebuilt now."""
         if not self._cache_in_use():
-            return self.expert_weights(central, active_L)
+            return self.expert_weights(central, active_L, gather)
         if recomputing():
             raise RuntimeError(
                 "activation checkpointing re-ran an MoE layer that takes its weights from the per-step "
@@ -249,28 +263,32 @@ class MoEExperts(Experts):
                 "MoEStep(model, per_step_reconstruction=False) (the trainer does when train.activation_checkpointing "
                 "is true): experts are then rebuilt in every forward and recomputation, gradients exact")
         if self._step is None:
-            self._step = StepReconstruction(self.expert_weights(central))
+            self._step = StepReconstruction(self.expert_weights(central, gather=gather))
         if not self._micro_batch[1]:
             return self._step.accumulating_weights()
         step, self._step, self._micro_batch = self._step, None, None
         return step.final_weights()
 
-    def biases(self) -> dict[str, torch.Tensor]:
-        return {m: torch.stack([getattr(e, f"{m}_bias") for e in self.deepspeed_experts]) for m in self.matrices}
+    def biases(self, gather: Optional[Gather] = None) -> dict[str, torch.Tensor]:
+        """{matrix: (L, out)}; with ``gather``, (E, out) for every expert of the group."""
+        stacks = [torch.stack([getattr(e, f"{m}_bias") for e in self.deepspeed_experts]) for m in self.matrices]
+        return dict(zip(self.matrices, stacks if gather is None else gather.gather(stacks)))
 
     def forward(self, x_LSD: torch.Tensor, central: Optional[dict[str, torch.Tensor]] = None,
                 valid_LS: Optional[torch.Tensor] = None, active_L: Optional[torch.Tensor] = None,
-                hooks: Optional[ExpertHooks] = None) -> torch.Tensor:
+                hooks: Optional[ExpertHooks] = None, gather: Optional[Gather] = None) -> torch.Tensor:
         """Batched expert FFNs on dispatched slots.
 
         ``active_L`` (bool, (L,)): local experts that received a token; MPO
         experts outside it are not rebuilt (their slots are padding, whose
         outputs the combine step discards). None: all experts are rebuilt.
         ``hooks``: this step's expert hooks (handed over by the MoE step
-        protocol, :mod:`mpomoe_ds.moe.step`), or None.
+        protocol, :mod:`mpomoe_ds.moe.step`), or None. ``gather``
+        (``moe.dispatch: aux_gather``): compute every expert of the group, so
+        ``x`` holds (E, S, D) slots of this rank's own tokens.
         """
-        weights = self._training_weights(central, active_L)
-        biases = self.biases()
+        weights = self._training_weights(central, active_L, gather)
+        biases = self.biases(gather)
         if hooks is not None:
             weights = {m: hooks.transform_weight(self, m, w) for m, w in weights.items()}
         x_LSD = x_LSD.to(weights["up"].dtype)
