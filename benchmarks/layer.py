@@ -19,6 +19,8 @@ experts and every MoE variant pads to the same capacity):
     mpoe_shard  the same with moe.shard_central: each rank holds 1/ep_size of the
                 central tensors (only with 2+ ranks)
     mpoe_plain  the same as mpoe, rebuilding in every micro-batch (only with --grad-accum > 1)
+    mpoe_aux    the same as mpoe with moe.dispatch aux_gather: auxiliary tensors all-gathered once per
+                step, every expert rebuilt on every rank, no token all-to-all (only with 2+ ranks)
     ffn         our layer with plain dense experts: same dispatch, no reconstruction
     ds          deepspeed.moe.layer.MoE, expert nn.Sequential(Linear, GELU, Linear)
     dense       nn.Sequential(Linear, GELU, Linear) on every token
@@ -29,7 +31,16 @@ a client optimizer, fp32), timed on the slowest rank. Variants run
 interleaved (round robin, rotating order) so load on the machine hits them
 alike; reported times are medians over the measured rounds after warm-up.
 A separate pass per variant measures peak tensor memory, FLOPs (torch's
-FlopCounterMode) and collective bytes of one step.
+FlopCounterMode) and collective bytes of one step: every collective's input
+buffers (``comm_bytes``, gradient reductions included) and, apart, the bytes
+the layer's own collectives send (``dispatch_bytes``: mpomoe_ds.parallel's
+counters, (P-1)/P of an all-to-all's input; token all-to-alls, or aux_gather's
+all-gather and its gradient all-reduce).
+
+Aux-gather cells (the issue #15 comparison: E = 8 and 16, 8192 tokens, GA 1 and 4)::
+
+    python benchmarks/layer.py --ranks 2 --cells 8x8192 16x8192 --grad-accum 1 \
+        --variants mpoe mpoe_aux ds --out benchmarks/results/aux_gather_layer.json
 
 Analytical floor of the MPOE / standard step-time ratio: 1 + R / T with R the
 reconstruction FLOPs per step (forward + backward = 3x the contraction, per
@@ -55,13 +66,14 @@ import common  # noqa: E402
 HIDDEN, FFN = 768, 3072
 AUX_COEF = 0.01
 LR = 1e-6  # small: routing stays put over the run, the optimizer still does all its work
-VARIANTS = ("mpoe", "mpoe_shard", "mpoe_plain", "ffn", "ds", "dense")
-MPOE_KINDS = ("mpoe", "mpoe_shard", "mpoe_plain")  # variants whose experts are rebuilt from MPO cores
-PER_STEP_KINDS = ("mpoe", "mpoe_shard")  # variants that rebuild once per optimizer step
+VARIANTS = ("mpoe", "mpoe_shard", "mpoe_plain", "mpoe_aux", "ffn", "ds", "dense")
+MPOE_KINDS = ("mpoe", "mpoe_shard", "mpoe_plain", "mpoe_aux")  # variants whose experts are rebuilt from MPO cores
+PER_STEP_KINDS = ("mpoe", "mpoe_shard", "mpoe_aux")  # variants that rebuild once per optimizer step
 LABELS = {
     "mpoe": "MPOE (ours)",
     "mpoe_shard": "MPOE, central tensors sharded over expert parallelism",
     "mpoe_plain": "MPOE, rebuild per micro-batch",
+    "mpoe_aux": "MPOE, aux_gather dispatch",
     "ffn": "ours, plain FFN experts",
     "ds": "DeepSpeed MoE",
     "dense": "dense FFN",
@@ -101,7 +113,7 @@ def build_variant(kind: str, num_experts: int, ep_size: int):
     dense = DenseFFN.random(HIDDEN, FFN, seed=0)
     moe_cfg = MoEConfig(num_experts=num_experts, ep_size=ep_size, k=1, dropless=True, aux_loss_coef=AUX_COEF,
                         expert_type="ffn" if kind == "ffn" else "mpo", activation="gelu", expert_init="copy",
-                        shard_central=kind == "mpoe_shard")
+                        shard_central=kind == "mpoe_shard", dispatch="aux_gather" if kind == "mpoe_aux" else "tokens")
 
     class Wrapped(nn.Module):
         def __init__(self, layer: nn.Module, has_aux: bool) -> None:
@@ -252,6 +264,7 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mpomoe_ds import parallel
     from mpomoe_ds.moe.step import MoEStep
 
     ep = world  # expert parallelism over every rank: ep_size = world
@@ -292,11 +305,12 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
             gc.collect()
             tracker.reset_peak()
             resting = tracker.live
+            parallel.reset_traffic()
             with common.CommCounter() as comm, FlopCounterMode(display=False) as flops:
                 common.train_step(engine, batches, moe_step, k in PER_STEP_KINDS)
             peak = tracker.peak
         extra[k] = {"peak_bytes": peak, "resting_bytes": resting, "flops": flops.get_total_flops(),
-                    "comm_bytes": comm.bytes, "comm_calls": comm.calls}
+                    "comm_bytes": comm.bytes, "comm_calls": comm.calls, "dispatch_bytes": parallel.traffic()}
         engine.destroy()
         del engine, moe_step
         gc.collect()
@@ -305,6 +319,8 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
     results = {}
     for k in kinds:
         rebuilds = 0 if not recon[k] else (1 if (k in PER_STEP_KINDS or args.grad_accum == 1) else args.grad_accum)
+        if k == "mpoe_aux":
+            rebuilds *= ep  # every rank rebuilds all E experts, not its E / ep
         results[k] = {
             "label": LABELS[k],
             "step_s_median": common.median(times[k]),
@@ -337,7 +353,7 @@ def worker(args) -> None:
     rank, world = common.init_worker()
     cells = [tuple(int(v) for v in c.split("x")) for c in args.cells]
     kinds = [k for k in args.variants
-             if (k != "mpoe_plain" or args.grad_accum > 1) and (k != "mpoe_shard" or world > 1)]
+             if (k != "mpoe_plain" or args.grad_accum > 1) and (k not in ("mpoe_shard", "mpoe_aux") or world > 1)]
     run = {"ranks": world, "ep_size": world, "grad_accum": args.grad_accum, "zero_stage": args.zero,
            "dtype": args.dtype, "threads_per_rank": torch.get_num_threads(), "warmup": args.warmup,
            "steps": args.steps, "cells": []}
