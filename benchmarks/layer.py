@@ -286,7 +286,10 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
     recon = {k: reconstruction_macs_per_rebuild(engines[k]) for k in kinds}
     run_steps = {k: functools.partial(common.train_step, engines[k], batches, MoEStep(engines[k].module),
                                       k in PER_STEP_KINDS) for k in kinds}
-    times, phases = common.timed_rounds(rank, run_steps, args.warmup, args.steps)
+    if args.bytes_only:  # no timed rounds: only the counting pass below
+        times, phases = {k: [float("nan")] for k in kinds}, {k: [{}] for k in kinds}
+    else:
+        times, phases = common.timed_rounds(rank, run_steps, args.warmup, args.steps)
     accounting = {k: parameter_accounting(engines[k], k, args.zero, world, ep) for k in kinds}
     for engine in engines.values():
         engine.destroy()  # removes ZeRO's gradient hooks: without it the engine is never freed
@@ -301,7 +304,8 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
             engine = make_engine(build_variant(k, num_experts, ep), args.grad_accum, args.zero,
                                  args.dtype)
             moe_step = MoEStep(engine.module)
-            common.train_step(engine, batches, moe_step, k in PER_STEP_KINDS)  # optimizer state exists from here
+            if not args.bytes_only:  # optimizer state exists from here (bytes do not depend on it)
+                common.train_step(engine, batches, moe_step, k in PER_STEP_KINDS)
             gc.collect()
             tracker.reset_peak()
             resting = tracker.live
@@ -392,6 +396,9 @@ def parse_args(argv: Optional[list[str]] = None):
                         help="intra-op threads per rank (default 1: on a small shared machine, multi-threaded small "
                              "ops wait for descheduled threads; see benchmarks/README.md)")
     parser.add_argument("--no-malloc-tuning", action="store_true", help="glibc malloc defaults (see common.py)")
+    parser.add_argument("--bytes-only", action="store_true",
+                        help="skip the timed rounds and the warm-up step of the counting pass: bytes, FLOPs and "
+                             "memory of one step only (step times are NaN)")
     parser.add_argument("--merge", action="store_true",
                         help="update --out in place: replace the cells run now, keep every other cell")
     common.add_worker_args(parser)
@@ -443,7 +450,8 @@ def drive(args) -> None:
             common.launch(Path(__file__), ranks,
                           ["--grad-accum", str(accum), "--cells", f"{num_experts}x{tokens}",
                            "--variants", *args.variants, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                           "--zero", str(args.zero), "--dtype", args.dtype, "--out", str(part)],
+                           "--zero", str(args.zero), "--dtype", args.dtype, "--out", str(part)]
+                          + (["--bytes-only"] if args.bytes_only else []),
                           malloc_tuning=not args.no_malloc_tuning, threads=args.threads, device=args.device)
             result = common.read_json(part)
             machine = machine or result["machine"]
