@@ -53,7 +53,7 @@ from mpomoe_ds.moe.config import MoEConfig, ffn_matrices
 from mpomoe_ds.moe.dispatch_cost import DispatchWorkload
 from mpomoe_ds.moe.experts import ExpertHooks, FFNExpert, MoEExperts, MPOExpert
 from mpomoe_ds.moe.grad_mask import GradientMask, mix_seed
-from mpomoe_ds.moe.router import TopKRouter
+from mpomoe_ds.moe.router import Routing, TopKRouter
 from mpomoe_ds.moe.token_dispatcher import TokenDispatcher
 from mpomoe_ds.mpo import MPO, decompose, reconstruction_macs
 from mpomoe_ds.mpo.config import MPOConfig
@@ -178,7 +178,7 @@ class MoEBlock(nn.Module):
         return y_TD.to(x_TD.dtype), routing.aux_loss, plan.routed_E
 
     def _forward_aux_gather(self, x_TD: torch.Tensor, central: Optional[Mapping[str, torch.Tensor]],
-                            hooks: Optional[ExpertHooks], routing, chosen_probs_TK: torch.Tensor
+                            hooks: Optional[ExpertHooks], routing: Routing, chosen_probs_TK: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every expert rebuilt here from gathered auxiliaries; this rank's tokens never leave it."""
         if hooks is not None:
