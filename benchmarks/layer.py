@@ -19,6 +19,8 @@ experts and every MoE variant pads to the same capacity):
     mpoe_shard  the same with moe.shard_central: each rank holds 1/ep_size of the
                 central tensors (only with 2+ ranks)
     mpoe_plain  the same as mpoe, rebuilding in every micro-batch (only with --grad-accum > 1)
+    mpoe_aux    the same as mpoe with moe.dispatch aux_gather: auxiliary tensors all-gathered once per
+                step, every expert rebuilt on every rank, no token all-to-all (only with 2+ ranks)
     ffn         our layer with plain dense experts: same dispatch, no reconstruction
     ds          deepspeed.moe.layer.MoE, expert nn.Sequential(Linear, GELU, Linear)
     dense       nn.Sequential(Linear, GELU, Linear) on every token
@@ -29,7 +31,16 @@ a client optimizer, fp32), timed on the slowest rank. Variants run
 interleaved (round robin, rotating order) so load on the machine hits them
 alike; reported times are medians over the measured rounds after warm-up.
 A separate pass per variant measures peak tensor memory, FLOPs (torch's
-FlopCounterMode) and collective bytes of one step.
+FlopCounterMode) and collective bytes of one step: every collective's input
+buffers (``comm_bytes``, gradient reductions included) and, apart, the bytes
+the layer's own collectives send (``dispatch_bytes``: mpomoe_ds.parallel's
+counters, (P-1)/P of an all-to-all's input; token all-to-alls, or aux_gather's
+all-gather and its gradient all-reduce).
+
+Aux-gather cells (the issue #15 comparison: E = 8 and 16, 8192 tokens, GA 1 and 4)::
+
+    python benchmarks/layer.py --ranks 2 --cells 8x8192 16x8192 --grad-accum 1 \
+        --variants mpoe mpoe_aux ds --out benchmarks/results/aux_gather_layer.json
 
 Analytical floor of the MPOE / standard step-time ratio: 1 + R / T with R the
 reconstruction FLOPs per step (forward + backward = 3x the contraction, per
@@ -55,13 +66,14 @@ import common  # noqa: E402
 HIDDEN, FFN = 768, 3072
 AUX_COEF = 0.01
 LR = 1e-6  # small: routing stays put over the run, the optimizer still does all its work
-VARIANTS = ("mpoe", "mpoe_shard", "mpoe_plain", "ffn", "ds", "dense")
-MPOE_KINDS = ("mpoe", "mpoe_shard", "mpoe_plain")  # variants whose experts are rebuilt from MPO cores
-PER_STEP_KINDS = ("mpoe", "mpoe_shard")  # variants that rebuild once per optimizer step
+VARIANTS = ("mpoe", "mpoe_shard", "mpoe_plain", "mpoe_aux", "ffn", "ds", "dense")
+MPOE_KINDS = ("mpoe", "mpoe_shard", "mpoe_plain", "mpoe_aux")  # variants whose experts are rebuilt from MPO cores
+PER_STEP_KINDS = ("mpoe", "mpoe_shard", "mpoe_aux")  # variants that rebuild once per optimizer step
 LABELS = {
     "mpoe": "MPOE (ours)",
     "mpoe_shard": "MPOE, central tensors sharded over expert parallelism",
     "mpoe_plain": "MPOE, rebuild per micro-batch",
+    "mpoe_aux": "MPOE, aux_gather dispatch",
     "ffn": "ours, plain FFN experts",
     "ds": "DeepSpeed MoE",
     "dense": "dense FFN",
@@ -104,7 +116,8 @@ def build_variant(kind: str, num_experts: int, ep_size: int, dropless_impl: str 
     dense = DenseFFN.random(HIDDEN, FFN, seed=0)
     moe_cfg = MoEConfig(num_experts=num_experts, ep_size=ep_size, k=1, dropless=True, aux_loss_coef=AUX_COEF,
                         expert_type="ffn" if kind == "ffn" else "mpo", activation="gelu", expert_init="copy",
-                        shard_central=kind == "mpoe_shard", dropless_impl=dropless_impl)
+                        shard_central=kind == "mpoe_shard", dropless_impl=dropless_impl,
+                        dispatch="aux_gather" if kind == "mpoe_aux" else "tokens")
 
     class Wrapped(nn.Module):
         def __init__(self, layer: nn.Module, has_aux: bool) -> None:
@@ -255,6 +268,7 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mpomoe_ds import parallel
     from mpomoe_ds.moe.step import MoEStep
 
     ep = world  # expert parallelism over every rank: ep_size = world
@@ -276,7 +290,10 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
     recon = {k: reconstruction_macs_per_rebuild(engines[k]) for k in kinds}
     run_steps = {k: functools.partial(common.train_step, engines[k], batches, MoEStep(engines[k].module),
                                       k in PER_STEP_KINDS) for k in kinds}
-    times, phases = common.timed_rounds(rank, run_steps, args.warmup, args.steps)
+    if args.bytes_only:  # no timed rounds: only the counting pass below
+        times, phases = {k: [float("nan")] for k in kinds}, {k: [{}] for k in kinds}
+    else:
+        times, phases = common.timed_rounds(rank, run_steps, args.warmup, args.steps)
     accounting = {k: parameter_accounting(engines[k], k, args.zero, world, ep) for k in kinds}
     for engine in engines.values():
         engine.destroy()  # removes ZeRO's gradient hooks: without it the engine is never freed
@@ -291,15 +308,17 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
             engine = make_engine(build_variant(k, num_experts, ep), args.grad_accum, args.zero,
                                  args.dtype)
             moe_step = MoEStep(engine.module)
-            common.train_step(engine, batches, moe_step, k in PER_STEP_KINDS)  # optimizer state exists from here
+            if not args.bytes_only:  # optimizer state exists from here (bytes do not depend on it)
+                common.train_step(engine, batches, moe_step, k in PER_STEP_KINDS)
             gc.collect()
             tracker.reset_peak()
             resting = tracker.live
+            parallel.reset_traffic()
             with common.CommCounter() as comm, FlopCounterMode(display=False) as flops:
                 common.train_step(engine, batches, moe_step, k in PER_STEP_KINDS)
             peak = tracker.peak
         extra[k] = {"peak_bytes": peak, "resting_bytes": resting, "flops": flops.get_total_flops(),
-                    "comm_bytes": comm.bytes, "comm_calls": comm.calls}
+                    "comm_bytes": comm.bytes, "comm_calls": comm.calls, "dispatch_bytes": parallel.traffic()}
         engine.destroy()
         del engine, moe_step
         gc.collect()
@@ -308,6 +327,8 @@ def run_cell(rank: int, world: int, args, num_experts: int, tokens: int, kinds: 
     results = {}
     for k in kinds:
         rebuilds = 0 if not recon[k] else (1 if (k in PER_STEP_KINDS or args.grad_accum == 1) else args.grad_accum)
+        if k == "mpoe_aux":
+            rebuilds *= ep  # every rank rebuilds all E experts, not its E / ep
         results[k] = {
             "label": LABELS[k],
             "step_s_median": common.median(times[k]),
@@ -340,7 +361,7 @@ def worker(args) -> None:
     rank, world = common.init_worker()
     cells = [tuple(int(v) for v in c.split("x")) for c in args.cells]
     kinds = [k for k in args.variants
-             if (k != "mpoe_plain" or args.grad_accum > 1) and (k != "mpoe_shard" or world > 1)]
+             if (k != "mpoe_plain" or args.grad_accum > 1) and (k not in ("mpoe_shard", "mpoe_aux") or world > 1)]
     run = {"ranks": world, "ep_size": world, "grad_accum": args.grad_accum, "zero_stage": args.zero,
            "dtype": args.dtype, "threads_per_rank": torch.get_num_threads(), "warmup": args.warmup,
            "steps": args.steps, "cells": []}
@@ -379,6 +400,9 @@ def parse_args(argv: Optional[list[str]] = None):
                         help="intra-op threads per rank (default 1: on a small shared machine, multi-threaded small "
                              "ops wait for descheduled threads; see benchmarks/README.md)")
     parser.add_argument("--no-malloc-tuning", action="store_true", help="glibc malloc defaults (see common.py)")
+    parser.add_argument("--bytes-only", action="store_true",
+                        help="skip the timed rounds and the warm-up step of the counting pass: bytes, FLOPs and "
+                             "memory of one step only (step times are NaN)")
     parser.add_argument("--merge", action="store_true",
                         help="update --out in place: replace the cells run now, keep every other cell")
     common.add_worker_args(parser)
@@ -430,7 +454,8 @@ def drive(args) -> None:
             common.launch(Path(__file__), ranks,
                           ["--grad-accum", str(accum), "--cells", f"{num_experts}x{tokens}",
                            "--variants", *args.variants, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                           "--zero", str(args.zero), "--dtype", args.dtype, "--out", str(part)],
+                           "--zero", str(args.zero), "--dtype", args.dtype, "--out", str(part)]
+                          + (["--bytes-only"] if args.bytes_only else []),
                           malloc_tuning=not args.no_malloc_tuning, threads=args.threads, device=args.device)
             result = common.read_json(part)
             machine = machine or result["machine"]

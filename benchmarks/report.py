@@ -167,6 +167,68 @@ def write_layer_report(json_path: Path) -> None:
     write_report(json_path, lambda data: layer_tables(data) + "\n", plot_layer, figsize=(13, 4.5))
 
 
+# --------------------------------------------------------------------------- aux_gather layer cells
+
+AUX_KINDS = ("mpoe", "mpoe_aux", "ds")
+
+
+def _dispatch_mb(variant: dict[str, Any], kind: str) -> float:
+    """MB this rank sent for the layer's data movement in one step.
+
+    Ours: mpomoe_ds.parallel's counters (token all-to-alls, or aux_gather's
+    all-gather and its gradient all-reduce). DeepSpeed's MoE: its all-to-all
+    input buffers times (P-1)/P (the part that leaves a rank; 2 ranks: 1/2).
+    """
+    if kind == "ds":
+        return variant["comm_bytes"].get("all_to_all", 0) / 2 / MB
+    return sum(variant["dispatch_bytes"].values()) / MB
+
+
+def aux_gather_tables(data: dict[str, Any]) -> str:
+    lines = [machine_md(data["machine"]), "",
+             "| ranks | GA | E | variant | s/step | MB sent per rank per step (dispatch) | vs token dispatch | "
+             "peak MiB per rank |", "|---|---|---|---|---|---|---|---|"]
+    for run in data["runs"]:
+        for cell in run["cells"]:
+            v = cell["variants"]
+            tokens_mb = _dispatch_mb(v["mpoe"], "mpoe") if "mpoe" in v else None
+            for k in AUX_KINDS:
+                if k not in v:
+                    continue
+                mb = _dispatch_mb(v[k], k)
+                rel = f"{mb / tokens_mb:.3f}" if tokens_mb else "n/a"
+                step = v[k]["step_s_median"]
+                step_s = "not timed" if step != step else f"{step:.2f}"  # NaN: a --bytes-only run
+                lines.append(f"| {run['ranks']} | {run['grad_accum']} | {cell['experts']} | {v[k]['label']} | "
+                             f"{step_s} | {mb:.1f} | {rel} | {v[k]['peak_bytes'] / MiB:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_aux_gather(data: dict[str, Any], axes: Any) -> None:
+    names, groups = [], {k: ([], []) for k in AUX_KINDS}
+    for run in data["runs"]:
+        for cell in run["cells"]:
+            names.append(f"E={cell['experts']}\nGA {run['grad_accum']}")
+            for k in AUX_KINDS:
+                v = cell["variants"].get(k)
+                groups[k][0].append(_dispatch_mb(v, k) if v else 0.0)
+                groups[k][1].append(v["step_s_median"] if v else float("nan"))
+    width = 0.8 / len(AUX_KINDS)
+    for i, k in enumerate(AUX_KINDS):
+        xs = [j + i * width for j in range(len(names))]
+        axes[0].bar(xs, groups[k][0], width, label=k)
+        axes[1].bar(xs, groups[k][1], width, label=k)
+    for ax, title in zip(axes, ("MB sent per rank per step (dispatch)", "s per step (NaN bars: not timed)")):
+        ax.set_xticks([j + width for j in range(len(names))], names, fontsize=7)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
+
+
+def write_aux_gather_report(json_path: Path) -> None:
+    write_report(json_path, aux_gather_tables, plot_aux_gather, figsize=(12, 4.5))
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -248,6 +310,8 @@ def main(paths: list[str]) -> None:
         data = common.read_json(Path(p))
         if data.get("benchmark") == "model":
             write_model_report(Path(p))
+        elif data.get("benchmark") == "aux_gather_layer":
+            write_aux_gather_report(Path(p))
         else:
             write_layer_report(Path(p))
 

@@ -123,6 +123,28 @@ def _reduce_op(op: str) -> Any:
     return ops[op]
 
 
+# --------------------------------------------------------------------------- traffic accounting
+
+# Bytes this rank sent, per collective, as a bandwidth-optimal (ring / pairwise) algorithm moves them:
+# all-to-all (P-1)/P of its input, all-gather (P-1) shards, reduce-scatter (P-1)/P of its input,
+# all-reduce twice that. Benchmarks read it to compare dispatch modes; counting is always on (cheap).
+_TRAFFIC: dict[str, int] = {}
+
+
+def _count(op: str, nbytes: int, group: Optional[ProcessGroup], fraction: float) -> None:
+    world = dist.get_world_size(group)
+    _TRAFFIC[op] = _TRAFFIC.get(op, 0) + int(nbytes * fraction * (world - 1) / world)
+
+
+def traffic() -> dict[str, int]:
+    """Bytes sent by this rank per collective kind since the last :func:`reset_traffic`."""
+    return dict(_TRAFFIC)
+
+
+def reset_traffic() -> None:
+    _TRAFFIC.clear()
+
+
 # --------------------------------------------------------------------------- collectives
 
 
@@ -136,6 +158,7 @@ def all_reduce(values: torch.Tensor, group: Optional[ProcessGroup] = None, op: s
     if not _active(group):
         return values
     sent = values.to(communication_device(group)).contiguous()
+    _count("all_reduce", sent.nbytes, group, 2.0)
     dist.all_reduce(sent, op=_reduce_op(op), group=group)
     return sent.to(values.device)
 
@@ -151,6 +174,7 @@ def all_gather(tensor: torch.Tensor, group: Optional[ProcessGroup] = None) -> li
         return [tensor]
     sent = tensor.to(communication_device(group)).contiguous()
     parts = [torch.empty_like(sent) for _ in range(dist.get_world_size(group))]
+    _count("all_gather", sent.nbytes * len(parts), group, 1.0)
     dist.all_gather(parts, sent, group=group)
     return [p.to(tensor.device) for p in parts]
 
@@ -161,6 +185,7 @@ def all_gather_flat(shard: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         return shard
     sent = shard.to(communication_device(group)).contiguous()
     full = sent.new_empty(sent.numel() * dist.get_world_size(group))
+    _count("all_gather", full.nbytes, group, 1.0)
     dist.all_gather_single(full, sent, group=group)
     return full.to(shard.device)
 
@@ -175,9 +200,11 @@ def reduce_scatter_flat(padded: torch.Tensor, group: ProcessGroup) -> torch.Tens
     shard_numel = padded.numel() // world
     sent = padded.to(communication_device(group)).contiguous()
     if str(dist.get_backend(group)).lower() in CPU_BACKENDS:  # no reduce-scatter there: all-reduce, keep a slice
+        _count("all_reduce", sent.nbytes, group, 2.0)
         dist.all_reduce(sent, group=group)
         return sent.narrow(0, rank * shard_numel, shard_numel).to(padded.device, copy=True)
     shard = sent.new_empty(shard_numel)
+    _count("reduce_scatter", sent.nbytes, group, 1.0)
     dist.reduce_scatter_single(shard, sent, group=group)
     return shard.to(padded.device)
 
@@ -204,7 +231,12 @@ def all_to_all(group: Optional[ProcessGroup], x: torch.Tensor) -> torch.Tensor:
     from deepspeed.moe.sharded_moe import _AllToAll
 
     device = communication_device(group)
-    return _AllToAll.apply(group, x.to(device).contiguous()).to(x.device)
+    sent = x.to(device).contiguous()
+    _count("all_to_all", sent.nbytes, group, 1.0)
+    out = _AllToAll.apply(group, sent)
+    if out.requires_grad:  # the backward is the same all-to-all of the gradient
+        out.register_hook(lambda grad: _count("all_to_all", grad.nbytes, group, 1.0))
+    return out.to(x.device)
 
 
 class _AllToAllVariable(torch.autograd.Function):
@@ -241,7 +273,11 @@ def all_to_all_variable(group: Optional[ProcessGroup], x: torch.Tensor, input_sp
                          f"over {dist.get_world_size(group)} ranks")
     device = communication_device(group)
     sent = x.to(device).contiguous()
-    return _AllToAllVariable.apply(group, sent, list(input_splits), list(output_splits)).to(x.device)
+    _count("all_to_all", sent.nbytes, group, 1.0)
+    out = _AllToAllVariable.apply(group, sent, list(input_splits), list(output_splits))
+    if out.requires_grad:  # the backward is the reverse exchange of the gradient
+        out.register_hook(lambda grad: _count("all_to_all", grad.nbytes, group, 1.0))
+    return out.to(x.device)
 
 
 def zero_full_tensor(param: torch.Tensor, state_key: Optional[str] = None) -> Optional[torch.Tensor]:

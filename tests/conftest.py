@@ -52,18 +52,20 @@ def no_launcher_variables_leak_between_tests():
             os.environ[key] = value
 
 
-def run_two_ranks(script: Path, args: list[str], out_prefix: Path, timeout: int = 600) -> list[dict]:
-    """Run ``script`` on 2 real ranks with torchrun; return each rank's JSON result.
+def run_two_ranks(script: Path, args: list[str], out_prefix: Path, timeout: int = 600,
+                  nproc: int = 2) -> list[dict]:
+    """Run ``script`` on ``nproc`` (default 2) real ranks with torchrun; return each rank's JSON result.
 
     The worker writes ``{out_prefix}.rank{r}.json``; a failing worker fails the
     test with the tail of its log.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), str(script), *args, "--out", str(out_prefix)]
     proc = subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        pytest.fail(f"2-rank run failed ({proc.returncode}): {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-6000:]}")
-    return [json.loads(Path(f"{out_prefix}.rank{r}.json").read_text()) for r in range(2)]
+        pytest.fail(f"{nproc}-rank run failed ({proc.returncode}): {' '.join(cmd)}\n"
+                    f"{(proc.stdout + proc.stderr)[-6000:]}")
+    return [json.loads(Path(f"{out_prefix}.rank{r}.json").read_text()) for r in range(nproc)]
 
 
 # A tiny training run (random 2-layer BERT on MiniLM's tokenizer, two toy tasks) shared by

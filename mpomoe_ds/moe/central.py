@@ -62,6 +62,12 @@ class _GatherShards(torch.autograd.Function):
         return parallel.reduce_scatter_flat(padded, ctx.group), None, None
 
 
+def gather_shards(shard: torch.Tensor, group: parallel.ProcessGroup, numel: int) -> torch.Tensor:
+    """Differentiable all-gather of the group's equal 1-D shards (first ``numel`` elements); the
+    backward sums every rank's gradient and hands each rank its own shard's part (a reduce-scatter)."""
+    return _GatherShards.apply(shard, group, numel)
+
+
 class GatheredCentral(Mapping):
     """{"up": tensor, "down": tensor}: full central tensors, all-gathered on first access.
 
@@ -138,7 +144,7 @@ class CentralTensors(nn.ParameterDict):
             return param
         if not torch.is_grad_enabled() or not param.requires_grad:
             return self.gather_detached(matrix)
-        full = _GatherShards.apply(param, self.ep_group, shape.numel()).view(shape)
+        full = gather_shards(param, self.ep_group, shape.numel()).view(shape)
         if self.mask is not None:
             self.mask.attach(full, key=list(self.full_shapes).index(matrix))
         return full

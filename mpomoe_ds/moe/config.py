@@ -56,6 +56,9 @@ EXPERT_TYPES = ("mpo", "ffn")
 EXPERT_INITS = ("copy", "perturb")
 
 
+DISPATCH_MODES = ("tokens", "aux_gather", "auto")
+
+
 @dataclass
 class MoEConfig:
     """The MoE layer: experts, routing and the central-tensor gradient mask.
@@ -132,6 +135,16 @@ class MoEConfig:
         seeded per global expert id, rms(A) the core's own root mean square,
         so the core's expected RMS is kept. 0 = off, 1 = a fully random core
         of the same scale. Applied after rotation_angle.
+    dispatch: how expert parallelism moves data (mpomoe_ds.moe.aux_gather):
+        "tokens" (all-to-all of routed tokens to the experts' owners),
+        "aux_gather" (every rank all-gathers the experts' auxiliary tensors over
+        the expert-parallel group once per optimizer step, rebuilds every
+        expert and computes its own tokens; gradients are summed back to the
+        owners; MPO experts only), or "auto" (per layer, from the cost model
+        mpomoe_ds.moe.dispatch_cost and link_gbps / device_tflops).
+    link_gbps: expert-parallel link bandwidth in GB/s (bytes, one direction)
+        that "auto" assumes.
+    device_tflops: reconstruction FLOP rate in TFLOP/s that "auto" assumes.
     """
 
     num_experts: int = 4
@@ -161,6 +174,9 @@ class MoEConfig:
     enabled: bool = True
     rotation_angle: float = 0.0
     aux_reinit_fraction: float = 0.0
+    dispatch: str = "tokens"
+    link_gbps: float = 25.0
+    device_tflops: float = 100.0
 
     def __post_init__(self) -> None:
         s = "moe"
@@ -210,6 +226,14 @@ class MoEConfig:
         if self.shard_central and self.expert_type != "mpo":
             fail(s, "shard_central", True, "plain experts (expert_type 'ffn') have no central tensor; "
                   "set shard_central: false or expert_type: mpo")
+        check_choice(s, "dispatch", self.dispatch, DISPATCH_MODES)
+        if self.dispatch == "aux_gather" and self.expert_type != "mpo":
+            fail(s, "dispatch", self.dispatch, "aux_gather ships auxiliary tensors and rebuilds experts from the "
+                  "shared central tensor, which plain experts (expert_type 'ffn') do not have; use "
+                  "dispatch: tokens (or auto, which picks tokens for them) or expert_type: mpo")
+        for name in ("link_gbps", "device_tflops"):
+            if getattr(self, name) <= 0:
+                fail(s, name, getattr(self, name), "the auto dispatch cost model needs a positive rate")
         if self.aux_grad_keep_prob == 0.0:
             fail(s, "aux_grad_keep_prob", 0.0, "freezing every expert's auxiliaries leaves nothing to train; "
                   "use a value in (0, 1]")

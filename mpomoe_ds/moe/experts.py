@@ -60,6 +60,13 @@ def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return functools.partial(getattr(F, function), **kwargs)
 
 
+class Gather(Protocol):
+    """Gathers per-expert (L, ...) stacks into the group's (E, ...) stacks (:class:`mpomoe_ds.moe.aux_gather.AuxGather`)."""
+
+    def gather(self, stacks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Differentiable; gradients return to the owners."""
+
+
 class ExpertHooks(Protocol):
     """What an expert-update transformer (e.g. the orthogonal optimizer) implements.
 
@@ -220,20 +227,26 @@ class MoEExperts(Experts):
         """Whether the next forward can use ``active_L`` (MPO experts rebuilt in this forward)."""
         return self.is_mpo and not self._cache_in_use()
 
-    def _mpo_cores(self, matrix: str, central: dict[str, torch.Tensor],
-                   active_A: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        aux = [torch.stack(list(cores)) for cores in zip(*(e.aux_cores(matrix) for e in self.deepspeed_experts))]
-        if active_A is not None:
-            aux = [a.index_select(0, active_A) for a in aux]
-        return aux, central[matrix]
+    def _aux_stacks(self, gather: Optional[Gather]) -> dict[str, list[torch.Tensor]]:
+        """{matrix: [(L, ...) per auxiliary core]}; with ``gather``, (E, ...) stacks of the whole group."""
+        stacks = {m: [torch.stack(list(cores)) for cores in zip(*(e.aux_cores(m) for e in self.deepspeed_experts))]
+                  for m in self.matrices}
+        if gather is None:
+            return stacks
+        counts = [len(stacks[m]) for m in self.matrices]
+        flat = iter(gather.gather([a for m in self.matrices for a in stacks[m]]))
+        return {m: [next(flat) for _ in range(n)] for m, n in zip(self.matrices, counts)}
 
     def expert_weights(self, central: Optional[dict[str, torch.Tensor]] = None,
-                       active_L: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                       active_L: Optional[torch.Tensor] = None,
+                       gather: Optional[Gather] = None) -> dict[str, torch.Tensor]:
         """{"up": (L, D, F), "down": (L, F, D)} (and "gate": (L, D, F)) for every local expert.
 
         MPO experts: one batched reconstruction per matrix
         (:func:`reconstruct_shared`). With ``active_L`` (bool, (L,)) only those
-        experts are rebuilt; the other rows are zero.
+        experts are rebuilt; the other rows are zero. With ``gather``
+        (``moe.dispatch: aux_gather``) every expert of the expert-parallel
+        group is rebuilt from gathered auxiliary tensors: (E, ...) rows.
         """
         experts = self.deepspeed_experts
         if not self.is_mpo:
@@ -241,30 +254,31 @@ class MoEExperts(Experts):
         if central is None:
             raise ValueError("MPO experts need the layer's central tensors to reconstruct their weights")
         active_A = None if active_L is None else torch.nonzero(active_L).flatten()
+        stacks = self._aux_stacks(gather)
         weights = {}
         for m in self.matrices:
-            aux, core = self._mpo_cores(m, central, active_A)
-            w = reconstruct_shared(aux, core, self.central_index)
+            aux = stacks[m] if active_A is None else [a.index_select(0, active_A) for a in stacks[m]]
+            w = reconstruct_shared(aux, central[m], self.central_index)
             if active_A is not None:
                 w = w.new_zeros(len(experts), *w.shape[1:]).index_copy(0, active_A, w)
             weights[m] = w
         return weights
 
-    def _training_weights(self, central: Optional[dict[str, torch.Tensor]],
-                          active_L: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _training_weights(self, central: Optional[dict[str, torch.Tensor]], active_L: Optional[torch.Tensor],
+                          gather: Optional[Gather]) -> dict[str, torch.Tensor]:
         """The weights of this forward: from the per-step reconstruction, or rebuilt now."""
         if recomputing() and self._replay is not None:
             # Activation checkpointing re-runs this micro-batch's forward to regenerate saved activations:
             # the same cached weights (no second step-gradient hook, no pending count).
             return {m: w.view_as(w) for m, w in self._replay.items()}
         if not self._cache_in_use():
-            return self.expert_weights(central, active_L)
+            return self.expert_weights(central, active_L, gather)
         if self._step is None:
             # The step's reconstruction graph outlives this micro-batch (the last one back-propagates through it),
             # so its saved tensors are stored as they are, not packed by an enclosing activation checkpoint (which
             # would recompute this micro-batch to unpack them, and count them in its replay check).
             with torch.autograd.graph.saved_tensors_hooks(_stored_as_is, _stored_as_is):
-                self._step = StepReconstruction(self.expert_weights(central))
+                self._step = StepReconstruction(self.expert_weights(central, gather=gather))
         if not self._micro_batch[1]:
             self._replay = self._step.accumulating_weights()
         else:
@@ -272,12 +286,15 @@ class MoEExperts(Experts):
             self._replay = step.final_weights()
         return self._replay
 
-    def biases(self) -> dict[str, torch.Tensor]:
-        return {m: torch.stack([getattr(e, f"{m}_bias") for e in self.deepspeed_experts]) for m in self.matrices}
+    def biases(self, gather: Optional[Gather] = None) -> dict[str, torch.Tensor]:
+        """{matrix: (L, out)}; with ``gather``, (E, out) for every expert of the group."""
+        stacks = [torch.stack([getattr(e, f"{m}_bias") for e in self.deepspeed_experts]) for m in self.matrices]
+        return dict(zip(self.matrices, stacks if gather is None else gather.gather(stacks)))
 
     def forward(self, x_LSD: torch.Tensor, central: Optional[dict[str, torch.Tensor]] = None,
                 valid_LS: Optional[torch.Tensor] = None, active_L: Optional[torch.Tensor] = None,
-                hooks: Optional[ExpertHooks] = None, segments_L: Optional[torch.Tensor] = None) -> torch.Tensor:
+                hooks: Optional[ExpertHooks] = None, segments_L: Optional[torch.Tensor] = None,
+                gather: Optional[Gather] = None) -> torch.Tensor:
         """Batched expert FFNs on dispatched slots.
 
         ``active_L`` (bool, (L,)): local experts that received a token; MPO
@@ -288,9 +305,11 @@ class MoEExperts(Experts):
         ``segments_L`` (int, (L,)): the input is (R, D) rows sorted by local
         expert, ``segments_L[l]`` of them for expert l (dispatch without
         padding); the experts run a grouped matmul and return (R, D).
+        ``gather`` (``moe.dispatch: aux_gather``): compute every expert of the
+        group, so ``x`` holds (E, S, D) slots of this rank's own tokens.
         """
-        weights = self._training_weights(central, active_L)
-        biases = self.biases()
+        weights = self._training_weights(central, active_L, gather)
+        biases = self.biases(gather)
         if hooks is not None:
             weights = {m: hooks.transform_weight(self, m, w) for m, w in weights.items()}
         x_LSD = x_LSD.to(weights["up"].dtype)

@@ -36,6 +36,8 @@ TopKGate and MOELayer. We set the attributes the engine reads instead
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -45,16 +47,19 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from mpomoe_ds import parallel
+from mpomoe_ds.moe.aux_gather import AuxGather
 from mpomoe_ds.moe.central import CentralTensors
 from mpomoe_ds.moe.config import MoEConfig, ffn_matrices
+from mpomoe_ds.moe.dispatch_cost import DispatchWorkload
 from mpomoe_ds.moe.experts import ExpertHooks, FFNExpert, MoEExperts, MPOExpert
 from mpomoe_ds.moe.grad_mask import GradientMask, mix_seed
-from mpomoe_ds.moe.router import TopKRouter
+from mpomoe_ds.moe.router import Routing, TopKRouter
 from mpomoe_ds.moe.token_dispatcher import TokenDispatcher, build_dispatcher
 from mpomoe_ds.mpo import MPO, decompose, reconstruction_macs
 from mpomoe_ds.mpo.config import MPOConfig
 from mpomoe_ds.mpo.gauge import balance, reinit_partially, rotate_central_bonds
 
+logger = logging.getLogger("mpomoe_ds")
 
 @dataclass
 class DenseFFN:
@@ -114,14 +119,20 @@ class MoEBlock(nn.Module):
     """Router, dispatcher and experts of one layer (DeepSpeed's ``deepspeed_moe`` slot).
 
     The attribute names ``gate`` (with ``gate.wg``) and ``experts.deepspeed_experts``
-    are the ones DeepSpeed's checkpoint code matches on.
+    are the ones DeepSpeed's checkpoint code matches on. ``dispatch`` is the
+    resolved ``moe.dispatch`` mode ("tokens" or "aux_gather"; "auto" until the
+    layer decides, see :meth:`MPOEMoE.forward`).
     """
 
-    def __init__(self, gate: TopKRouter, experts: MoEExperts, dispatcher: TokenDispatcher) -> None:
+    def __init__(self, gate: TopKRouter, experts: MoEExperts, dispatcher: TokenDispatcher,
+                 dispatch: str = "tokens") -> None:
         super().__init__()
         self.gate = gate
         self.experts = experts
         self.dispatcher = dispatcher
+        self.dispatch = dispatch
+        # aux_gather: tokens stay on their rank, so they are planned as if every expert were local.
+        self.local_dispatcher = TokenDispatcher(dispatcher.config, None)
 
     def _set_ep_group(self, ep_group: Optional[parallel.ProcessGroup]) -> None:
         """Called by DeepSpeed's engine; the group must be the one we were built for."""
@@ -134,6 +145,9 @@ class MoEBlock(nn.Module):
                                f"{parallel.group_size(current)} but the engine set one of size "
                                f"{parallel.group_size(ep_group)}")
         self.dispatcher.ep_group = ep_group
+
+    def _aux_gather(self) -> AuxGather:
+        return AuxGather(self.dispatcher.ep_group)
 
     def _active_local_experts(self, routed_E: torch.Tensor) -> Optional[torch.Tensor]:
         """Local experts that got a token from any rank, or None when every expert of the group did.
@@ -153,6 +167,8 @@ class MoEBlock(nn.Module):
                 hooks: Optional[ExpertHooks] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         routing = self.gate(x_TD)
         chosen_probs_TK = routing.probs_TE.gather(1, routing.experts_TK)
+        if self.dispatch == "aux_gather":
+            return self._forward_aux_gather(x_TD, central, hooks, routing, chosen_probs_TK)
         plan = self.dispatcher.plan(routing.experts_TK, chosen_probs_TK, self.training)
         x_LSD = self.dispatcher.dispatch(x_TD, plan)
         observing = hooks is not None and self.training and getattr(hooks, "observing", True)
@@ -160,6 +176,20 @@ class MoEBlock(nn.Module):
         active_L = self._active_local_experts(plan.routed_E) if self.experts.needs_activity() else None
         y_LSD = self.experts(x_LSD, central, valid_LS, active_L, hooks, plan.segments_L)
         y_TD = self.dispatcher.combine(y_LSD, plan, routing.weights_TK)
+        return y_TD.to(x_TD.dtype), routing.aux_loss, plan.routed_E
+
+    def _forward_aux_gather(self, x_TD: torch.Tensor, central: Optional[Mapping[str, torch.Tensor]],
+                            hooks: Optional[ExpertHooks], routing: Routing, chosen_probs_TK: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every expert rebuilt here from gathered auxiliaries; this rank's tokens never leave it."""
+        if hooks is not None:
+            raise RuntimeError("moe.dispatch=aux_gather does not support expert hooks (the orthogonal expert "
+                               "optimizer, omoe): they act per local expert on inputs only its owner sees; "
+                               "use moe.dispatch: tokens with omoe")
+        plan = self.local_dispatcher.plan(routing.experts_TK, chosen_probs_TK, self.training)
+        x_ESD = self.local_dispatcher.dispatch(x_TD, plan)
+        y_ESD = self.experts(x_ESD, central, gather=self._aux_gather())
+        y_TD = self.local_dispatcher.combine(y_ESD, plan, routing.weights_TK)
         return y_TD.to(x_TD.dtype), routing.aux_loss, plan.routed_E
 
 
@@ -220,7 +250,8 @@ class MPOEMoE(MoE):
         with torch.no_grad():
             gen = torch.Generator().manual_seed(mix_seed(moe.seed, layer_id, 2))
             gate.wg.weight.copy_(torch.randn(gate.wg.weight.shape, generator=gen) * 0.02)
-        self.deepspeed_moe = MoEBlock(gate, experts, build_dispatcher(moe, ep_group))
+        self.deepspeed_moe = MoEBlock(gate, experts, build_dispatcher(moe, ep_group), dispatch=moe.dispatch)
+        self.accumulation = 1  # micro-batches per step, for the "auto" cost model (set_accumulation)
         if moe.rotation_angle > 0 or moe.aux_reinit_fraction > 0:
             self._break_symmetry()
         if moe.expert_init == "perturb":
@@ -379,8 +410,46 @@ class MPOEMoE(MoE):
         """
         return self.central.tensors() if self.central else None
 
+    @property
+    def dispatch(self) -> str:
+        """The dispatch mode in use: "tokens", "aux_gather", or "auto" before the first forward decides."""
+        return self.deepspeed_moe.dispatch
+
+    def set_accumulation(self, micro_batches: int) -> None:
+        """Micro-batches per optimizer step, which ``moe.dispatch: auto`` weighs (the trainer sets it)."""
+        self.accumulation = int(micro_batches)
+
+    def dispatch_workload(self, tokens_per_rank: int) -> DispatchWorkload:
+        """This layer's inputs to the dispatch cost model (:mod:`mpomoe_ds.moe.dispatch_cost`)."""
+        expert = self.deepspeed_moe.experts.deepspeed_experts[0]
+        sizes = {"aux": 0, "bias": 0}
+        for name, p in expert.named_parameters():
+            sizes["bias" if name.endswith("bias") else "aux"] += p.numel()
+        macs_per_expert = self.reconstruction_macs() / self.num_local_experts
+        return DispatchWorkload(tokens_per_rank=tokens_per_rank, hidden_size=self.hidden_size, k=self.config.k,
+                                accumulation=self.accumulation, dtype_bytes=expert_dtype_bytes(expert),
+                                aux_per_expert=sizes["aux"], bias_per_expert=sizes["bias"],
+                                num_experts=self.num_experts, ep_size=self.ep_size,
+                                reconstruction_flops_per_expert=2.0 * macs_per_expert,
+                                link_gbps=self.config.link_gbps, device_tflops=self.config.device_tflops)
+
+    def _resolve_auto(self, num_tokens: int) -> None:
+        """``moe.dispatch: auto``: pick this layer's mode from the cost model, the same on every rank."""
+        if self.config.expert_type != "mpo":
+            self.deepspeed_moe.dispatch = "tokens"
+            return
+        # The largest token count of the group, so every rank decides alike.
+        tokens = int(parallel.all_reduce_max(self.ep_group, torch.tensor([num_tokens]))[0])
+        workload = self.dispatch_workload(tokens)
+        self.deepspeed_moe.dispatch = workload.choice()
+        if parallel.rank() == 0:
+            logger.info("MoE layer %d: moe.dispatch auto -> %s %s", self.layer_id, self.dispatch,
+                        json.dumps(workload.report()))
+
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x_TD = hidden_states.reshape(-1, self.hidden_size)
+        if self.dispatch == "auto":
+            self._resolve_auto(x_TD.shape[0])
         y_TD, aux_loss, routed_E = self.deepspeed_moe(x_TD, self.central_tensors(), self._step_hooks)
         return y_TD.reshape(hidden_states.shape), aux_loss, routed_E
 
@@ -400,6 +469,11 @@ class MPOEMoE(MoE):
             shapes.insert(self._central_index(), tuple(self.central.full_shapes[m]))
             total += reconstruction_macs(shapes) * self.num_local_experts
         return total
+
+
+def expert_dtype_bytes(expert: nn.Module) -> int:
+    """Bytes per value of an expert's parameters (what the gather ships)."""
+    return next(expert.parameters()).element_size()
 
 
 def moe_layers(model: nn.Module) -> Iterator[tuple[str, MPOEMoE]]:

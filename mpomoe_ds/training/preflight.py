@@ -42,6 +42,15 @@ def check_before_build(config: RunConfig, ds_config: dict[str, Any]) -> None:
     check_document_masking(config, model_config)
     check_objective(config, model_config)
     check_corpus_objective(config, model_config)
+    check_dispatch(config)
+
+
+def check_dispatch(config: RunConfig) -> None:
+    """``moe.dispatch`` aux_gather / auto cannot run the orthogonal expert optimizer (see moe.aux_gather)."""
+    if config.omoe.enabled and config.moe.dispatch != "tokens":
+        raise ConfigError(f"moe.dispatch={config.moe.dispatch!r} with omoe.enabled: the orthogonal expert optimizer "
+                          f"projects each expert's gradient from the inputs its owner saw, which aux_gather never "
+                          f"sends to the owner; set moe.dispatch: tokens or omoe.enabled: false")
 
 
 def check_output_dir(output_dir: Path) -> None:

@@ -72,6 +72,8 @@ class Trainer:
         check_same_plan(self.batches.sampler)
         self.omoe = self._build_omoe()
         self.moe_step = MoEStep(self.model, participants=[self.omoe] if self.omoe is not None else [])
+        for layer in self.moe_step.layers:  # moe.dispatch auto weighs bytes per optimizer step
+            layer.set_accumulation(self.engine.gradient_accumulation_steps())
         self.start_step = self._maybe_resume()
         self._write_run_files()
         self.monitor = Monitor(self.rank, self.output_dir, cfg.train.max_steps, self.start_step,

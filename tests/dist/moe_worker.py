@@ -1,9 +1,12 @@
-"""2-rank worker: expert-parallel MPOE training vs a single-process reference.
+"""Multi-rank worker: expert-parallel MPOE training vs a single-process reference.
 
-Run under ``torchrun --nproc_per_node 2`` (DS_ACCELERATOR=cpu). Every rank
-trains the expert-parallel model through a DeepSpeed engine on its half of each
-global batch, while an identical ep_size=1 reference model (plain PyTorch, no
-engine) trains in-process on both halves. The worker measures differences and
+Run under ``torchrun --nproc_per_node 2`` (or 4 with ``--ep-size 2``; DS_ACCELERATOR=cpu).
+Every rank trains the expert-parallel model through a DeepSpeed engine on its
+share of each global batch (``--accumulation`` micro-batches per step, with the
+MoE layer told where each sits, so MPO experts rebuild once per step), while an
+identical ep_size=1 reference model (plain PyTorch, no engine) trains
+in-process on every rank's micro-batches. ``--dispatch`` picks ``moe.dispatch``.
+The worker measures differences and
 writes them as JSON (``--out``); the pytest side asserts on them.
 """
 
@@ -13,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import os
-import tempfile
 
 import deepspeed
 import torch
@@ -21,11 +23,12 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 from torch import nn
 
+from mpomoe_ds import parallel
 from mpomoe_ds.moe.config import MoEConfig
-from mpomoe_ds.mpo.config import MPOConfig
-from mpomoe_ds.training.engine import global_grad_norm, initialize
 from mpomoe_ds.moe.layer import MPOEMoE
 from mpomoe_ds.moe.params import optimizer_param_groups, parameter_report
+from mpomoe_ds.mpo.config import MPOConfig
+from mpomoe_ds.training.engine import global_grad_norm, initialize
 
 HIDDEN, FFN, BATCH, SEQ, LR = 32, 64, 4, 6, 0.05
 # SGD, not Adam: Adam's g / (|g| + eps) turns roundoff in near-zero gradients into
@@ -49,10 +52,11 @@ class TinyMoEModel(nn.Module):
         return nn.functional.mse_loss(pred, y) + self.moe.config.aux_loss_coef * aux
 
 
-def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def global_batch(step: int, micro_batches: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``micro_batches`` micro-batches of BATCH rows (world size x accumulation); the first two as before."""
     gen = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(2 * BATCH, SEQ, HIDDEN, generator=gen)
-    return x, torch.randn(2 * BATCH, SEQ, generator=gen)
+    x = torch.randn(micro_batches * BATCH, SEQ, HIDDEN, generator=gen)
+    return x, torch.randn(micro_batches * BATCH, SEQ, generator=gen)
 
 
 def reference_name(name: str, rank: int, num_local: int) -> str:
@@ -77,10 +81,10 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).abs().max())
 
 
-def ds_config(zero: int, clip: float = 0.0) -> dict:
+def ds_config(zero: int, clip: float = 0.0, accumulation: int = 1) -> dict:
     # gradient_clipping defaults to 1.0 in DeepSpeed 0.19 and its fp32/ZeRO-0 clip
     # mis-computes the norm with experts (the trainer clips itself there); ZeRO 1/2 clip right.
-    return {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
+    return {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": accumulation,
             "gradient_clipping": clip, "zero_allow_untested_optimizer": True,
             "zero_optimization": {"stage": zero}, "steps_per_print": 10**9}
 
@@ -92,36 +96,57 @@ def main() -> None:
     parser.add_argument("--keep-prob", type=float, default=1.0)
     parser.add_argument("--shard-central", action="store_true")
     parser.add_argument("--clip", type=float, default=0.0, help="DeepSpeed gradient_clipping (ZeRO 1/2)")
+    parser.add_argument("--aux-keep-prob", type=float, default=1.0, help="moe.aux_grad_keep_prob")
+    parser.add_argument("--dispatch", default="tokens", help="moe.dispatch")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--ep-size", type=int, default=0, help="expert-parallel size (0: the world size)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    moe_cfg = MoEConfig(num_experts=4, ep_size=world, k=2, dropless=True, expert_init="perturb", init_noise=0.2,
-                        aux_loss_coef=0.05, central_grad_keep_prob=args.keep_prob,
+    ep_size, accumulation = args.ep_size or world, args.accumulation
+    moe_cfg = MoEConfig(num_experts=4, ep_size=ep_size, k=2, dispatch=args.dispatch, dropless=True,
+                        expert_init="perturb", init_noise=0.2, aux_loss_coef=0.05,
+                        central_grad_keep_prob=args.keep_prob, aux_grad_keep_prob=args.aux_keep_prob,
                         shard_central=args.shard_central, layers="all")
     model = TinyMoEModel(moe_cfg, seed=0)
     reference = TinyMoEModel(dataclasses.replace(moe_cfg, ep_size=1), seed=0)
     num_local = model.moe.num_local_experts
     ref_params = dict(reference.named_parameters())
 
-    engine = initialize(model, ds_config(args.zero, args.clip),
+    engine = initialize(model, ds_config(args.zero, args.clip, accumulation),
                         optimizer=torch.optim.SGD(optimizer_param_groups(model), lr=LR))
     ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
 
     result = {"rank": rank, "loss_diff": [], "grad_diff": [], "mask_violations": 0, "mask_kept_nonzero": []}
+    # aux_gather's all-gather per step: the cores once, the biases in every micro-batch ((P-1)/P leaves the rank)
+    sizes = {"aux": 0, "bias": 0}
+    for name, p in model.moe.experts.named_parameters():
+        sizes["bias" if name.endswith("bias") else "aux"] += p.numel() * p.element_size()
+    result["expected_gather_bytes"] = (ep_size - 1) * (sizes["aux"] + accumulation * sizes["bias"])
     for step in range(args.steps):
-        x, y = global_batch(step)
-        half = slice(rank * BATCH, (rank + 1) * BATCH)
+        chunks = world * accumulation  # micro-batch (rank r, index i) is chunk i * world + r
+        x, y = global_batch(step, chunks)
         model.moe.begin_step(step)
         reference.moe.begin_step(step)
 
-        loss = engine(x[half], y[half])
-        engine.backward(loss)
+        parallel.reset_traffic()
+        loss = 0.0
+        for index in range(accumulation):
+            mine = slice((index * world + rank) * BATCH, (index * world + rank + 1) * BATCH)
+            model.moe.begin_micro_batch(index, is_last=index == accumulation - 1)
+            micro_loss = engine(x[mine], y[mine])
+            engine.backward(micro_loss)
+            loss = loss + micro_loss.detach() / accumulation
+            if index < accumulation - 1:
+                engine.step()  # not a boundary: DeepSpeed only accumulates
+        result.setdefault("traffic", []).append(parallel.traffic())
         grads = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters() if p.requires_grad}
 
-        ref_loss = 0.5 * (reference(x[:BATCH], y[:BATCH]) + reference(x[BATCH:], y[BATCH:]))
+        ref_loss = sum(reference(x[c * BATCH:(c + 1) * BATCH], y[c * BATCH:(c + 1) * BATCH])
+                       for c in range(chunks)) / chunks
         ref_loss.backward()
         ref_grads = [p.grad for p in reference.parameters() if p.grad is not None]
         ref_norm = float(torch.nn.utils.get_total_norm(ref_grads))
@@ -133,8 +158,9 @@ def main() -> None:
 
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
-        result["loss_diff"].append(abs(float(mean_loss) / world - float(ref_loss)))
-        result["grad_diff"].append(max(max_diff(g, as_held(n, ref_params[reference_name(n, rank, num_local)].grad,
+        result["loss_diff"].append(abs(float(mean_loss) / world - float(ref_loss.detach())))
+        ep_rank = rank % ep_size
+        result["grad_diff"].append(max(max_diff(g, as_held(n, ref_params[reference_name(n, ep_rank, num_local)].grad,
                                                             model))
                                        for n, g in grads.items()))
         if engine.module.moe.central_mask is not None:
@@ -159,7 +185,7 @@ def main() -> None:
         reference.moe.end_step()
 
     # Parameters after training: vs the reference, and replicated tensors across ranks.
-    result["param_diff"] = max(max_diff(p, as_held(n, ref_params[reference_name(n, rank, num_local)], model))
+    result["param_diff"] = max(max_diff(p, as_held(n, ref_params[reference_name(n, ep_rank, num_local)], model))
                                for n, p in engine.module.named_parameters())
     initial = TinyMoEModel(moe_cfg, seed=0)
     central, initial_central = engine.module.moe.central, initial.moe.central
@@ -195,7 +221,7 @@ def main() -> None:
     engine.save_checkpoint(ckpt_dir, tag="t5")
     saved = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     fresh = TinyMoEModel(dataclasses.replace(moe_cfg, seed=99), seed=7)
-    engine2 = initialize(fresh, ds_config(args.zero, args.clip),
+    engine2 = initialize(fresh, ds_config(args.zero, args.clip, accumulation),
                          optimizer=torch.optim.SGD(optimizer_param_groups(fresh), lr=LR))
     before = max(max_diff(p, saved[n]) for n, p in engine2.module.named_parameters())
     engine2.load_checkpoint(ckpt_dir, tag="t5")

@@ -107,6 +107,7 @@ def test_two_rank_t5_text_to_text_learns_to_write_label_words(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "mpomoe_ds.cli.train", "--config", str(run), "--deepspeed_config", str(tmp_path / "ds.json")]
     proc = subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=600)
+    (tmp_path / "log.txt").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     metrics = json.loads((tmp_path / "t5" / "metrics.json").read_text())
     # From ~ln(30522) = 10.3 nats per label-word token at random init to far below it.
