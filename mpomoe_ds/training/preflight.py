@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from mpomoe_ds.config import ConfigError
+from mpomoe_ds.config import ConfigError, to_dict
 from mpomoe_ds.training.engine import check_zero_for_moe
 from mpomoe_ds.training.run_config import RunConfig
 
@@ -163,8 +163,11 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], checkpoi
     """Refuse a resume whose architecture, optimizer, OMoE or data keys differ (``moe.ep_size`` may change)."""
     old = {k: v for k, v in flatten(saved).items() if k.split(".")[0] in FROZEN_ON_RESUME and k not in LAYOUT_KEYS}
     new = {k: v for k, v in flatten(current).items() if k.split(".")[0] in FROZEN_ON_RESUME and k not in LAYOUT_KEYS}
+    # A key added after the checkpoint was written is absent from its config: at its default it changes nothing.
+    defaults = flatten(to_dict(RunConfig()))
     diffs = [f"{key}: checkpoint {old.get(key)!r}, now {new.get(key)!r}"
-             for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+             for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)
+             and not (key not in old and new.get(key) == defaults.get(key))]
     if diffs:
         raise ConfigError(f"--resume from {checkpoint}: these keys differ from the run config the checkpoint was "
                           f"trained with:\n  " + "\n  ".join(diffs) + "\nThey fix the checkpoint's tensors, optimizer/"

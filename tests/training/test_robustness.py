@@ -281,3 +281,18 @@ def test_a_crashed_save_newer_than_latest_is_pruned_and_never_chosen(tmp_path):
     assert newest_verified(ckpt, pytest.fail)[0] == "step2"  # no warning: latest verifies
     assert prune(ckpt, keep_last=2) == ["step4"]
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step2"]
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_key_existed_only_at_its_default():
+    """A checkpoint written before ``moe.rotation_angle`` existed lacks it in its run config."""
+    from mpomoe_ds.config import to_dict
+    from mpomoe_ds.training.preflight import check_resume_config
+    from mpomoe_ds.training.run_config import RunConfig
+
+    current = to_dict(RunConfig())
+    saved = json.loads(json.dumps(current))
+    del saved["moe"]["rotation_angle"]
+    check_resume_config(saved, current, "ckpt")  # absent then, default now: nothing changes
+    current["moe"]["rotation_angle"] = 0.5
+    with pytest.raises(Exception, match=r"moe.rotation_angle: checkpoint None, now 0.5"):
+        check_resume_config(saved, current, "ckpt")
