@@ -232,8 +232,8 @@ def markdown(results: dict[str, list[dict[str, float]]], meta: dict[str, Any]) -
         for key, fmt in (("cosine", ".3f"), ("cka", ".3f"), ("specific_energy", ".3f"), ("loss", ".4f")):
             mean, std = summary(rows, key)
             cells.append(f"{mean:{fmt}} +- {std:{fmt}}")
-        leak = summary(rows, "leak")[0]
-        cells.append("-" if leak != leak else f"{leak:.3f}")
+        leaks = [r["leak"] for r in rows if r["leak"] == r["leak"]]  # NaN: arm without a null-space OMoE
+        cells.append(f"{statistics.mean(leaks):.3f}" if leaks else "-")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     rec = meta["recommendation"]
     lines += ["", f"Recommended (lowest cosine with loss <= 1.05 x FFN experts' {rec['ffn_loss']:.4f} and cosine "
