@@ -48,9 +48,10 @@ from conftest import ROOT as REPO  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: see conftest.one_thread
 
 
-def make_layer(expert_type: str = "ffn", num_experts: int = 2, seed: int = 0, noise: float = 0.3) -> MPOEMoE:
+def make_layer(expert_type: str = "ffn", num_experts: int = 2, seed: int = 0, noise: float = 0.3,
+               gated: bool = False) -> MPOEMoE:
     moe = MoEConfig(num_experts=num_experts, expert_type=expert_type, expert_init="perturb", init_noise=noise,
-                    seed=seed, aux_loss_coef=0.0, layers="all")
+                    seed=seed, aux_loss_coef=0.0, layers="all", gated=gated, activation="silu" if gated else "gelu")
     return MPOEMoE(D, F, moe, MPOConfig(num_cores=3))
 
 
@@ -171,12 +172,13 @@ def test_projectors_of_a_routed_run_equal_the_closed_form_of_routed_mean_inputs(
 
 
 def run_two_experts(expert_type: str, projection: str, optimizer: str, use_omoe: bool = True,
-                    matrices: tuple[str, ...] = ("up", "down"), alpha: float = 1e-4) -> dict[str, list[float]]:
+                    matrices: tuple[str, ...] = ("up", "down"), alpha: float = 1e-4,
+                    gated: bool = False) -> dict[str, list[float]]:
     """E = 2 experts on designed inputs: expert 1 sees only span(e0, e1) (one random vector a step),
     expert 0 sees isotropic tokens. Returns, per orthogonal step and matrix, the leak
     ||A^T dW_0|| / ||dW_0|| of expert 0's applied update (and of its W-gradient), A the unit
     mean inputs expert 1 accumulated: how much expert 0's step moves its outputs on them."""
-    layer = make_layer(expert_type, num_experts=2, seed=1)
+    layer = make_layer(expert_type, num_experts=2, seed=1, gated=gated)
     experts = layer.deepspeed_moe.experts
     cfg = OMoEConfig(enabled=True, acc_steps=6, orth_steps=3, alpha=alpha, matrices=list(matrices),
                      projection=projection)
@@ -206,7 +208,11 @@ def run_two_experts(expert_type: str, projection: str, optimizer: str, use_omoe:
         x[1] = 0.0
         x[1, :, :2] = torch.randn(2, generator=gen)  # the same token 24 times: its mean is itself
         before = {m: w.detach().clone() for m, w in layer.expert_weights().items()}
-        h1 = activation_function(layer.config.activation)(x[1] @ before["up"][1] + experts.biases()["up"][1])
+        biases = experts.biases()
+        h1 = activation_function(layer.config.activation)(
+            x[1] @ before["gate" if gated else "up"][1] + biases["gate" if gated else "up"][1])
+        if gated:  # act(x W_gate) * (x W_up)
+            h1 = h1 * (x[1] @ before["up"][1] + biases["up"][1])
         y = experts(x, layer.central_tensors(), valid, hooks=omoe.expert_hooks(layer) if omoe else None)
         loss = (y * torch.randn(y.shape, generator=gen)).sum()
         opt.zero_grad()
@@ -215,7 +221,7 @@ def run_two_experts(expert_type: str, projection: str, optimizer: str, use_omoe:
         moe_step.end_step(step)
         after = layer.expert_weights()
         if phase == "accumulate":
-            for m, inputs in (("up", x[1]), ("down", h1)):
+            for m, inputs in (("gate", x[1]), ("up", x[1]), ("down", h1)):
                 if m in seen:
                     seen[m].append(inputs.detach().mean(0))
             continue
@@ -235,6 +241,16 @@ def test_applied_update_of_plain_expert_is_orthogonal_to_other_experts_inputs(pr
     for m in ("up", "down"):
         assert max(leaks[f"update_{m}"]) < 1e-3, (m, leaks)
         assert min(baseline[f"update_{m}"]) > 0.1, (m, baseline)  # without OMoE it is far from orthogonal
+
+
+def test_applied_update_of_gated_plain_experts_is_orthogonal_for_every_matrix() -> None:
+    """Gated experts (Llama's SwiGLU): "gate" sees the same inputs as "up" and is protected like it."""
+    matrices = ("gate", "up", "down")
+    leaks = run_two_experts("ffn", "update", "adam", matrices=matrices, gated=True)
+    baseline = run_two_experts("ffn", "update", "adam", use_omoe=False, matrices=matrices, gated=True)
+    for m in matrices:
+        assert max(leaks[f"update_{m}"]) < 1e-3, (m, leaks)
+        assert min(baseline[f"update_{m}"]) > 0.1, (m, baseline)
 
 
 def test_adam_breaks_orthogonality_of_a_projected_gradient_for_plain_experts() -> None:
