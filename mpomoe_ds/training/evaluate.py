@@ -8,7 +8,7 @@ every rank and independent of the world size.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -158,21 +158,8 @@ def _moe_layer_inputs_of(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                          device: torch.device) -> dict[int, torch.Tensor]:
     """The hidden states entering each MoE layer on ``batch``, at the positions its attention mask keeps."""
     mask = batch["attention_mask"].reshape(-1).bool()
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-    for index, (_, layer) in enumerate(moe_layers(model)):
-        def capture(module, inputs, output, index=index):
-            x_ND = inputs[0].reshape(-1, inputs[0].shape[-1])
-            captured[index] = x_ND[mask.to(x_ND.device)] if x_ND.shape[0] == mask.numel() else x_ND
-        handles.append(layer.register_forward_hook(capture))
-    model.eval()
-    try:
-        model(**{k: v.to(device) for k, v in batch.items()})
-    finally:
-        for h in handles:
-            h.remove()
-        model.train()
-    return captured
+    return _capture_moe_inputs(model, batch, device,
+                               lambda x_ND: x_ND[mask.to(x_ND.device)] if x_ND.shape[0] == mask.numel() else x_ND)
 
 
 @torch.no_grad()
@@ -182,13 +169,18 @@ def _moe_layer_inputs(model: torch.nn.Module, tasks: Sequence[TaskData], config:
     task = next((t for t in tasks if t.validation is not None), None)
     if task is None:
         return {}
-    rows = max(1, config.train.diversity_tokens // config.data.max_seq_len)
-    batch = make_batch(task, task.validation, np.arange(min(rows, len(task.validation))))
+    return _capture_moe_inputs(model, _validation_rows(task, config), device,
+                               lambda x_ND: x_ND[: config.train.diversity_tokens])
+
+
+def _capture_moe_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
+                        select: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, torch.Tensor]:
+    """``select`` of the (N, D) hidden states entering each MoE layer in one eval-mode forward of ``batch``."""
     captured: dict[int, torch.Tensor] = {}
     handles = []
     for index, (_, layer) in enumerate(moe_layers(model)):
         def capture(module, inputs, output, index=index):
-            captured[index] = inputs[0].reshape(-1, inputs[0].shape[-1])[: config.train.diversity_tokens]
+            captured[index] = select(inputs[0].reshape(-1, inputs[0].shape[-1]))
         handles.append(layer.register_forward_hook(capture))
     model.eval()
     try:
