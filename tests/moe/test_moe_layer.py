@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import string
 
 import pytest
@@ -283,8 +281,26 @@ def test_shard_central_in_one_process_is_the_replicated_layer():
     assert torch.equal(sharded(x)[0], plain(x)[0])
 
 
+EP_WITHOUT_DISTRIBUTED = """
+import torch
+from mpomoe_ds.moe.config import MoEConfig
+from mpomoe_ds.moe.layer import DenseFFN, MPOEMoE
+dense = DenseFFN.random(32, 128, seed=0)
+try:
+    MPOEMoE.from_dense(dense, MoEConfig(num_experts=4, expert_init="copy", layers="all", ep_size=2))
+except RuntimeError as err:
+    print("ERROR:", err)
+"""
+
+
 def test_expert_parallel_layer_without_distributed_names_the_fix():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with pytest.raises(RuntimeError, match="init_distributed"):
-        MPOEMoE.from_dense(random_dense(), dataclasses.replace(MoEConfig(num_experts=4, expert_init="copy",
-                                                                         layers="all"), ep_size=2))
+    # A fresh interpreter: in-process training tests leave torch.distributed initialised (world 1) behind.
+    import subprocess
+    import sys
+
+    from conftest import ROOT, dist_env
+
+    proc = subprocess.run([sys.executable, "-c", EP_WITHOUT_DISTRIBUTED], cwd=ROOT, env=dist_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ERROR: ep_size=2 needs torch.distributed: call deepspeed.init_distributed()" in proc.stdout
