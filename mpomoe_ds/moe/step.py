@@ -54,17 +54,15 @@ class MoEStep:
         model: any module holding :class:`MPOEMoE` layers (a DeepSpeed engine's
             ``module`` too).
         participants: objects acting around steps, in the order they are told.
-        per_step_reconstruction: MPO experts rebuild their weights once per
-            optimizer step under gradient accumulation (also under activation
-            checkpointing: a recomputation replays the cached weights); False
-            rebuilds them in every forward.
+
+    MPO experts rebuild their weights once per optimizer step under gradient
+    accumulation (activation checkpointing included: a recomputation replays
+    the cached weights), see :meth:`mpomoe_ds.moe.experts.MoEExperts.set_micro_batch`.
     """
 
-    def __init__(self, model: nn.Module, participants: Sequence[StepParticipant] = (),
-                 per_step_reconstruction: bool = True) -> None:
+    def __init__(self, model: nn.Module, participants: Sequence[StepParticipant] = ()) -> None:
         self.layers = [layer for _, layer in moe_layers(model)]
         self.participants = list(participants)
-        self.per_step_reconstruction = per_step_reconstruction
         self.step: Optional[int] = None
 
     def begin_step(self, step: int) -> None:
@@ -82,7 +80,7 @@ class MoEStep:
         if self.step is None:
             raise RuntimeError("begin_micro_batch outside a step; call begin_step(step) first")
         for layer in self.layers:
-            layer.begin_micro_batch(index if self.per_step_reconstruction else None, is_last)
+            layer.begin_micro_batch(index, is_last)
 
     def end_step(self, step: int) -> None:
         """After the optimizer step of ``step``: layers return to rebuilding in every forward."""
