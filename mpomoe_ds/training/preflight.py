@@ -6,7 +6,8 @@ model's position embeddings, ``data.document_masking`` and
 ``model.objective`` against the model family and the tasks (read from its
 config.json and the task registry only), and on
 ``--resume`` the current run config against the one the checkpoint was
-trained with.
+trained with, and the global batch against the one the checkpoint's task stream
+was planned for.
 
 Resume rules: ``model``, ``moe`` and ``mpo`` keys define the architecture and
 the checkpoint's tensors, ``optim`` keys the optimizer and schedule state the
@@ -173,3 +174,28 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], checkpoi
                           f"trained with:\n  " + "\n  ".join(diffs) + "\nThey fix the checkpoint's tensors, optimizer/"
                           "schedule state or data plan and cannot change on resume: drop these overrides, or start "
                           "a new run in another train.output_dir")
+
+
+def saved_global_batch(data_plan: dict[str, Any]) -> Optional[int]:
+    """The global batch a checkpoint's data stream needs to continue exactly (None: any).
+
+    The multi-task stream draws a task per step and takes that task's next G
+    rows, so only the same G = micro-batch x ranks continues it; a packed
+    corpus mixture is keyed by global sample and continues at any G.
+    """
+    if data_plan.get("kind") == "packed_mixture":
+        return None
+    fingerprint = data_plan.get("fingerprint")
+    return int(fingerprint[1]) if isinstance(fingerprint, list) and len(fingerprint) == 5 else None
+
+
+def check_resume_global_batch(data_plan: dict[str, Any], micro_batch: int, world_size: int, checkpoint: str) -> None:
+    """Refuse, before any data or model work, a resume whose task stream would not continue."""
+    saved = saved_global_batch(data_plan)
+    if saved is None or saved == micro_batch * world_size:
+        return
+    fix = (f"set train_micro_batch_size_per_gpu to {saved // world_size}" if saved % world_size == 0
+           else f"launch a number of ranks that divides {saved}")
+    raise ConfigError(f"--resume from {checkpoint}: the checkpoint's task stream was planned for a global batch of "
+                      f"{saved} (micro-batch x ranks); now it is {micro_batch} x {world_size} = "
+                      f"{micro_batch * world_size}, which would skip or repeat examples: {fix}")

@@ -60,7 +60,7 @@ class Trainer:
         # Everything checkable from configs and files, before any data or model work.
         preflight.check_before_build(cfg, self.ds_config)
         self.resume_from = self._choose_checkpoint() if self.resume else None
-        micro = int(self.ds_config.get("train_micro_batch_size_per_gpu", 16))
+        micro = self._micro_batch()
         # Data first: bad input fails here, before any model is built.
         self.tasks = prepare_tasks(cfg.data, run_tokenizer(cfg))
         self.ep_group = parallel.expert_parallel_group(cfg.moe.ep_size) if cfg.moe.ep_size > 1 else None
@@ -83,6 +83,9 @@ class Trainer:
         self.monitor.log(f"world {self.world}, ep_size {cfg.moe.ep_size}, micro-batch {micro}, "
                          f"grad accumulation {self.engine.gradient_accumulation_steps()}, "
                          f"starting at step {self.start_step} of {cfg.train.max_steps}")
+
+    def _micro_batch(self) -> int:
+        return int(self.ds_config.get("train_micro_batch_size_per_gpu", 16))
 
     def _flops_per_token(self) -> float:
         hf_config = self.model.backbone.config
@@ -116,6 +119,8 @@ class Trainer:
             return None
         tag, manifest = found
         preflight.check_resume_config(manifest["run_config"], to_dict(self.config), str(self.checkpoint_dir / tag))
+        preflight.check_resume_global_batch(manifest.get("data_plan", {}), self._micro_batch(), self.world,
+                                            str(self.checkpoint_dir / tag))
         self.reshard = self._needs_reshard(tag, manifest)
         # The ranks shared the verification; make sure they chose the same checkpoint.
         steps = parallel.all_reduce(torch.tensor([float(manifest["step"]), 1.0], dtype=torch.float64))

@@ -181,4 +181,6 @@ def test_resume_at_another_global_batch_is_refused_naming_the_micro_batch(saved_
                            str(write(tmp_path, "ds.json", ds_config(0, 8))), "moe.ep_size=1", "--resume"],
                           cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=FAIL_FAST)
     assert proc.returncode != 0
-    assert "global_batch: saved 16 now 8" in proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    assert "planned for a global batch of 16" in output and "set train_micro_batch_size_per_gpu to 16" in output
+    assert "DeepSpeed info: version" not in output  # refused before the engine (and the model) was built

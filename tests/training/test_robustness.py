@@ -296,3 +296,23 @@ def test_resume_accepts_a_checkpoint_from_before_a_key_existed_only_at_its_defau
     current["moe"]["rotation_angle"] = 0.5
     with pytest.raises(Exception, match=r"moe.rotation_angle: checkpoint None, now 0.5"):
         check_resume_config(saved, current, "ckpt")
+
+
+def test_resume_global_batch_check_reads_the_saved_plan_of_each_stream_kind():
+    """Task stream: only the saved G = micro-batch x ranks continues (fix named); a corpus mixture: any G."""
+    from mpomoe_ds.config import ConfigError
+    from mpomoe_ds.data.sampling import TrainBatches
+    from mpomoe_ds.training.preflight import check_resume_global_batch
+
+    class _Rows(list):
+        pass
+
+    task = type("T", (), {"train": _Rows(range(64)), "spec": type("S", (), {"name": "toy"})()})()
+    plan = json.loads(json.dumps(TrainBatches([task], 8, world_size=2).state_dict()))  # as the manifest stores it
+    check_resume_global_batch(plan, 4, 4, "ckpt")  # 4 x 4 = 16 = 8 x 2: continues exactly
+    with pytest.raises(ConfigError, match=r"global batch of 16 .* now it is 8 x 1 = 8.*"
+                                          r"set train_micro_batch_size_per_gpu to 16"):
+        check_resume_global_batch(plan, 8, 1, "ckpt")
+    with pytest.raises(ConfigError, match=r"launch a number of ranks that divides 16"):
+        check_resume_global_batch(plan, 5, 3, "ckpt")
+    check_resume_global_batch({"kind": "packed_mixture", "position": 96, "global_batch": 32}, 3, 1, "ckpt")
