@@ -8,23 +8,15 @@ after the first step, and each optimizer param group's name, lr and size.
 
 from __future__ import annotations
 
-import argparse
 import json
 
+from trainer_cli import trainer_from_args
+
 from mpomoe_ds.moe.params import parameter_kind
-from mpomoe_ds.training.build import resolve_ds_config
-from mpomoe_ds.training.run_config import load_run_config
-from mpomoe_ds.training.trainer import Trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--run_config", required=True)
-    parser.add_argument("--ds_config", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    trainer = Trainer(load_run_config(args.run_config), resolve_ds_config(args.ds_config), resume=False)
-    trainer.setup()
+    trainer, out = trainer_from_args(resume=False)
     model = trainer.engine.module
     model.train()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -37,7 +29,7 @@ def main() -> None:
     groups = [{"name": g.get("name"), "lr": g["lr"], "moe": bool(g.get("moe", False)),
                "numel": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]
     result = {"moved": moved, "groups": groups, "rank": trainer.rank, "zero_stage": trainer.engine.zero_optimization_stage()}
-    with open(f"{args.out}.rank{trainer.rank}.json", "w") as fh:
+    with open(f"{out}.rank{trainer.rank}.json", "w") as fh:
         json.dump(result, fh)
 
 

@@ -10,29 +10,19 @@ world size.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from trainer_cli import trainer_from_args
 
 from mpomoe_ds.training import reshard
-from mpomoe_ds.training.build import resolve_ds_config
-from mpomoe_ds.training.run_config import load_run_config
-from mpomoe_ds.training.trainer import Trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--run_config", required=True)
-    parser.add_argument("--ds_config", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    trainer = Trainer(load_run_config(args.run_config), resolve_ds_config(args.ds_config), resume=True)
-    trainer.setup()
+    trainer, out = trainer_from_args(resume=True)
     engine = trainer.engine
     entries = reshard.global_state(engine, trainer.config.moe.ep_size)
     torch.save({"entries": entries, "global_steps": engine.global_steps, "start_step": trainer.start_step,
                 "lr": [g["lr"] for g in engine.optimizer.param_groups], "data_step": trainer.batches.step},
-               f"{args.out}.rank{trainer.rank}.pt")
+               f"{out}.rank{trainer.rank}.pt")
 
 
 if __name__ == "__main__":
