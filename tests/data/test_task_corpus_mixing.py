@@ -152,3 +152,15 @@ def test_task_only_streams_keep_their_checkpoint_fingerprint(tokenizer):
     tasks = prepare_tasks(DataConfig(tasks=["toy_sentiment"]), tokenizer)
     stream = TrainBatches(tasks, 8, seed=1)
     assert len(stream.state_dict()["fingerprint"]) == 5  # checkpoints from before mixing still resume
+
+
+def test_an_encoder_decoder_with_tasks_and_corpora_is_refused_before_any_work(corpus_dir):
+    from types import SimpleNamespace
+
+    from mpomoe_ds.training.preflight import check_corpus_objective
+
+    data = DataConfig(tasks=["toy_sentiment"], corpora=[{"name": "en", "path": str(corpus_dir)}])
+    config = SimpleNamespace(data=data, model=SimpleNamespace(name_or_path="t5"))
+    with pytest.raises(ConfigError, match="only as causal-LM packing for decoder models"):
+        check_corpus_objective(config, SimpleNamespace(is_encoder_decoder=True, model_type="t5"))
+    check_corpus_objective(config, SimpleNamespace(is_encoder_decoder=False, model_type="gpt2"))  # decoders mix
