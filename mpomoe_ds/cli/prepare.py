@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpomoe-prepare",
         description="Tokenize text files (.txt: one document per file; .jsonl/.json: a 'text' field per line; "
-                    ".parquet: a 'text' column; optionally .gz) into token shards for data.corpora. "
+                    ".parquet: a 'text' column; optionally .gz), or a data set read with datasets streaming "
+                    "(--hf-dataset), into token shards for data.corpora. "
                     "Resumable: run the same command again after an interruption.",
         epilog="Examples: mpomoe-prepare --tokenizer minilm --out data/en --workers 2 corpus/en/ ; "
                "mpomoe-prepare --tokenizer minilm --out data/wiki --hf-dataset wikitext --hf-config "

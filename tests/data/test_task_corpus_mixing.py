@@ -164,3 +164,16 @@ def test_an_encoder_decoder_with_tasks_and_corpora_is_refused_before_any_work(co
     with pytest.raises(ConfigError, match="only as causal-LM packing for decoder models"):
         check_corpus_objective(config, SimpleNamespace(is_encoder_decoder=True, model_type="t5"))
     check_corpus_objective(config, SimpleNamespace(is_encoder_decoder=False, model_type="gpt2"))  # decoders mix
+
+
+def test_worker_processes_build_the_same_mixed_batches(mixed):
+    config, tasks = mixed
+    inline = [b for _, b in zip(range(12), train_batches(tasks, config, 4))]
+    probabilities = [WEIGHTS[t.spec.name] for t in tasks]
+    workers = TrainBatches(tasks, 4, seed=config.seed, num_workers=1, probabilities=probabilities)
+    built = [b for _, b in zip(range(12), workers)]
+    assert len({int(b["task_id"][0]) for b in inline}) > 1
+    for a, b in zip(inline, built):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert workers.step == 12
+    assert sum(workers.tokens_seen.values()) == sum(int(b["attention_mask"].sum()) for b in built)
