@@ -15,9 +15,12 @@ Modules, in pipeline order:
    exactly once across ranks, in full-shape batches with a mask.
 
 Pretraining corpora take another road: ``prepare`` tokenizes a corpus once
-into token shards (``mpomoe-prepare``), ``corpus`` reads (on demand) and
-packs them into fixed-length sequences, ``mixture`` mixes corpora per sample
-into one global sample sequence that does not depend on the world size.
+into token shards (``mpomoe-prepare``; local files, or a data set streamed by
+``hub_source``), ``corpus`` reads (on demand) and packs them into
+fixed-length sequences, ``mixture`` mixes corpora per sample into one global
+sample sequence that does not depend on the world size. Corpora listed
+together with tasks become whole-micro-batch sources of the ``sampling``
+stream instead (one task per micro-batch, as the multi-task model needs).
 
 The distributed contract (why it looks like this). DeepSpeed's MoE layer
 exchanges tokens with an all-to-all whose sizes come from the local batch, so

@@ -65,6 +65,9 @@ class TaskEntry:
     max_train_examples / max_eval_examples: keep only the first n rows.
     kind / num_labels / metrics / primary_metric / label_names: define a
         custom task (not allowed for a registered name).
+    weight: mixture weight of the task's micro-batches (normalised over all
+        tasks and corpora); give every task and corpus one, or none
+        (temperature sampling over training rows).
     """
 
     name: str
@@ -83,6 +86,7 @@ class TaskEntry:
     metrics: Optional[list[str]] = None
     primary_metric: Optional[str] = None
     label_names: Optional[list[str]] = None
+    weight: Optional[float] = None
 
 
 _CUSTOM_FIELDS = ("kind", "num_labels", "metrics", "primary_metric", "label_names")
@@ -138,10 +142,13 @@ class DataConfig:
         "drop" (skipped this pass; the shuffle differs next pass) or "wrap"
         (filled from the start of the same shuffled pass).
     corpora: prepared corpora (:class:`CorpusEntry`) for packed causal-LM
-        pretraining; when given, training reads them (mixed per sample by
-        weight or temperature, :mod:`mpomoe_ds.data.mixture`) instead of
-        tasks, and evaluates each corpus's held-out split; ``tasks`` must be
-        empty (tasks and corpora are not mixed in one run yet).
+        pretraining, each evaluated on its held-out split. With ``tasks``
+        empty, training reads only them, mixed per sample by weight or
+        temperature (:mod:`mpomoe_ds.data.mixture`; ``builtin`` is unused).
+        With ``tasks`` too, corpora and tasks are mixed per micro-batch (each
+        micro-batch holds one task or one corpus, drawn per step by weight,
+        or by temperature over training rows: examples, packed sequences);
+        decoder models only (span corruption with tasks is refused).
     document_masking: packed corpora only: position ids restart after every
         EOS and attention does not cross document boundaries inside a packed
         sequence (decoders: gpt2, llama, mistral, qwen2, qwen3). False = GPT-style
@@ -182,7 +189,8 @@ class DataConfig:
             self._check_span_corruption()
         if self.corpora:
             self._check_corpora()
-            return
+            if not self.tasks:
+                return
         if not self.tasks:
             if self.builtin is None:
                 fail("data", "tasks", self.tasks, "list at least one task, or set data.builtin (e.g. toy_glue)")
@@ -195,6 +203,8 @@ class DataConfig:
             fail("data", "tasks", names, f"task names must be unique, {duplicates} repeat; rename a custom copy")
         for i, entry in enumerate(self.tasks):
             _validate_entry(entry, i, self.builtin)
+        if self.corpora:
+            self._check_tasks_with_corpora()
 
     def _check_span_corruption(self) -> None:
         if isinstance(self.span_corruption, dict):
@@ -216,10 +226,6 @@ class DataConfig:
                  "use a mean span length >= 1, e.g. 3")
 
     def _check_corpora(self) -> None:
-        if self.tasks:
-            fail("data", "corpora", [c.name for c in self.corpora],
-                 "pretraining corpora and tasks cannot be mixed in one run yet; set data.tasks: [] "
-                 "(data.builtin is then unused), or drop data.corpora")
         names = [c.name for c in self.corpora]
         if len(set(names)) != len(names):
             fail("data", "corpora", names, "corpus names must be unique")
@@ -229,6 +235,23 @@ class DataConfig:
         for i, c in enumerate(self.corpora):
             if c.max_eval_sequences < 0:
                 fail("data", f"corpora[{i}].max_eval_sequences", c.max_eval_sequences, "use a count >= 0")
+
+    def _check_tasks_with_corpora(self) -> None:
+        """Corpora mixed with tasks: unique names over both, weights for all sources or none, no T5 corruption."""
+        if self.span_corruption is not None:
+            fail("data", "span_corruption", to_dict(self.span_corruption),
+                 "corpora are mixed with data.tasks only as causal-LM packing for decoder models; T5 span "
+                 "corruption together with tasks is not supported yet: pretrain with span corruption in one run "
+                 "(data.tasks: []) and train the tasks in another")
+        names = [t.name for t in self.tasks] + [c.name for c in self.corpora]
+        clashes = sorted({n for n in names if names.count(n) > 1})
+        if clashes:
+            fail("data", "corpora", [c.name for c in self.corpora],
+                 f"task and corpus names share {clashes}; logs and eval are keyed by name: rename the corpus")
+        weights = [t.weight for t in self.tasks] + [c.weight for c in self.corpora]
+        if any(w is not None for w in weights) and None in weights:
+            fail("data", "tasks", [f"{n}: {w}" for n, w in zip(names, weights)],
+                 "give every task and corpus a weight, or none of them (temperature sampling over training rows)")
 
 
 def _coerce_corpus(entry: Union[CorpusEntry, dict], index: int) -> CorpusEntry:
@@ -262,6 +285,8 @@ def _validate_entry(entry: TaskEntry, index: int, builtin: Optional[str]) -> Non
         fail("data", f"{where}.train_file", None, "a task with a validation_file also needs a train_file")
     if entry.train_file and entry.hub_dataset:
         fail("data", f"{where}.hub_dataset", entry.hub_dataset, "give either local files or a hub data set, not both")
+    if entry.weight is not None and (not isinstance(entry.weight, (int, float)) or not entry.weight > 0):
+        fail("data", f"{where}.weight", entry.weight, "use a weight > 0, or null (temperature sampling)")
     for name in ("max_train_examples", "max_eval_examples"):
         value = getattr(entry, name)
         if value is not None and (not isinstance(value, int) or value < 1):

@@ -72,6 +72,40 @@ def feistel_permute(x: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
     return out
 
 
+def epoch_sequences(k: np.ndarray, n: int, seed: int, corpus: int) -> np.ndarray:
+    """Sequence ids of the k-th samples (any int64 array) of a corpus of n packed sequences.
+
+    Sample k is ``perm_{corpus,e}(k mod n)`` of epoch ``e = k // n``: every
+    epoch visits each sequence once, and a k is mapped in O(1) memory.
+    """
+    epochs, positions = np.divmod(np.asarray(k, dtype=np.int64), n)
+    out = np.empty(len(positions), dtype=np.int64)
+    for epoch in np.unique(epochs):
+        in_epoch = epochs == epoch
+        out[in_epoch] = feistel_permute(positions[in_epoch].astype(np.uint64), n,
+                                        _round_keys(seed, corpus, int(epoch))).astype(np.int64)
+    return out
+
+
+def packed_rows(corpus: PackedSequences, sequences_B: np.ndarray, document_masking: bool
+                ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """(input_ids, attention_mask, position_ids or None) (B, L) of packed ``sequences_B`` of one corpus."""
+    ids, mask = corpus.rows(sequences_B)
+    return ids, mask, document_position_ids(ids, mask, corpus.eos_id) if document_masking else None
+
+
+def lm_batch(ids_BL: np.ndarray, mask_BL: np.ndarray, positions_BL: Optional[np.ndarray],
+             task_id: int) -> dict[str, torch.Tensor]:
+    """A packed causal-LM batch: labels are the input ids, -100 on padding (Hugging Face causal LMs shift them)."""
+    input_ids, attention_mask = torch.from_numpy(ids_BL), torch.from_numpy(mask_BL)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+             "labels": input_ids.masked_fill(attention_mask == 0, -100),
+             "task_id": torch.full((len(ids_BL),), task_id, dtype=torch.int64)}
+    if positions_BL is not None:
+        batch["position_ids"] = torch.from_numpy(positions_BL)
+    return batch
+
+
 # --------------------------------------------------------------------------- sampler
 
 
@@ -128,14 +162,7 @@ class MixtureSampler:
         out = np.empty_like(k)
         for c in np.unique(corpus):
             hits = corpus == c
-            n = int(self.sizes[c])
-            epochs, positions = np.divmod(k[hits], n)
-            values = np.empty(len(positions), dtype=np.int64)
-            for epoch in np.unique(epochs):
-                in_epoch = epochs == epoch
-                values[in_epoch] = feistel_permute(positions[in_epoch].astype(np.uint64), n,
-                                                   _round_keys(self.seed, int(c), int(epoch))).astype(np.int64)
-            out[hits] = values
+            out[hits] = epoch_sequences(k[hits], int(self.sizes[c]), self.seed, int(c))
         return out
 
 
@@ -183,22 +210,19 @@ class PackedMixtureBatches:
         positions = np.zeros((self.batch_size, L), dtype=np.int64)
         for c in np.unique(corpus_B):
             rows = corpus_B == c
-            ids[rows], mask[rows] = self.corpora[c].rows(sequence_B[rows])
-            if self.document_masking:
-                positions[rows] = document_position_ids(ids[rows], mask[rows], self.corpora[c].eos_id)
+            ids[rows], mask[rows], corpus_positions = packed_rows(self.corpora[c], sequence_B[rows],
+                                                                  self.document_masking)
+            if corpus_positions is not None:
+                positions[rows] = corpus_positions
             self.tokens_seen[self.names[c]] += int(mask[rows].sum())
-        task_id = torch.full((self.batch_size,), self.task_ids[int(corpus_B[0])], dtype=torch.int64)
+        task_id = self.task_ids[int(corpus_B[0])]
         if self.span_corruption is not None:
             keys = [train_key(g) for g in range(start, start + self.batch_size)]
             inputs, inputs_mask, targets = self.span_corruption.batch(ids, mask, keys)
             return {"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(inputs_mask),
-                    "labels": torch.from_numpy(targets), "task_id": task_id}
-        input_ids, attention_mask = torch.from_numpy(ids), torch.from_numpy(mask)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "labels": input_ids.masked_fill(attention_mask == 0, -100), "task_id": task_id}
-        if self.document_masking:
-            batch["position_ids"] = torch.from_numpy(positions)
-        return batch
+                    "labels": torch.from_numpy(targets),
+                    "task_id": torch.full((self.batch_size,), task_id, dtype=torch.int64)}
+        return lm_batch(ids, mask, positions if self.document_masking else None, task_id)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -225,7 +249,14 @@ class PackedMixtureBatches:
             raise ValueError(f"the checkpoint was written with other corpora or mixture settings "
                              f"({saved} vs {self.fingerprint()}); resume with the same data config")
         self.position = int(state["position"])
-        self.tokens_seen = dict(state["tokens_seen"])
+        self.tokens_seen = carried_tokens_seen(self.tokens_seen, state["tokens_seen"], self.rank)
+
+
+def carried_tokens_seen(names: dict[str, int], saved: dict[str, int], rank: int) -> dict[str, int]:
+    """Token counts after a resume: the saved counts are totals over all ranks (the trainer saves them
+    all-reduced), so rank 0 carries them on and the others restart at 0; sums over ranks stay exact at any
+    world size. Names missing from the saved state (older checkpoints) start at 0."""
+    return {name: int(saved.get(name, 0)) if rank == 0 else 0 for name in names}
 
 
 def _as_tuple(value: Any) -> Any:

@@ -10,21 +10,28 @@ A prepared corpus is a folder::
 
 Sources are local files, directories or globs: ``.txt`` (one document per
 file), ``.jsonl`` / ``.json`` (one document per record, field ``text``),
-``.parquet`` (column ``text``), each optionally ``.gz``. Work is cut into
-parts (a file, or up to ``docs_per_part`` documents of one), tokenized in
-parallel worker processes, one shard per part and split. A document goes to
+``.parquet`` (column ``text``), each optionally ``.gz``; or one data set read
+with ``datasets`` streaming (:class:`~mpomoe_ds.data.hub_source.HubSource`).
+Work is cut into parts (a file, or up to ``docs_per_part`` documents of one;
+for a stream, consecutive runs of ``docs_per_part`` documents of the stream),
+tokenized in parallel worker processes, one shard per part and split. A document goes to
 the validation split when ``crc32(text) mod 1e6 < validation_fraction * 1e6``:
 a function of its text alone, so the split does not depend on how the work
 was cut or on the number of workers.
 
 Preparation is resumable: a part whose marker exists (written after its
 shards, with their sizes) is not redone, so a killed run continues where it
-stopped. A folder prepared with another tokenizer is refused (its
-fingerprint differs), as is a folder whose sources changed.
+stopped. A stream has no random access, so a resumed stream preparation reads
+the stream again from its start and skips, by document count, the documents
+of finished parts without tokenizing them (checking that they hash as they did:
+a stream whose content changed is refused). A folder prepared with another
+tokenizer is refused (its fingerprint differs), as is a folder whose sources
+(files, or data set name / config / split / text field / data files) changed.
 """
 
 from __future__ import annotations
 
+import collections
 import glob
 import gzip
 import hashlib
@@ -35,10 +42,11 @@ import zlib
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from mpomoe_ds.data.hub_source import HubSource, open_stream
 from mpomoe_ds.data.tasks import DataError
 
 FORMAT_VERSION = 1
@@ -117,7 +125,7 @@ def read_documents(path: Path) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class Part:
-    """A unit of work: documents [start, stop) of one file."""
+    """A unit of work: documents [start, stop) of one file (or of the stream named by ``path``)."""
 
     index: int
     path: str
@@ -171,6 +179,15 @@ class _Job:
     eos_id: int
     dtype: str
     validation_fraction: float
+    texts: Optional[tuple[str, ...]] = None  # a stream's part carries its documents (no file to reread)
+
+
+def texts_checksum(texts: Iterable[str]) -> int:
+    """crc32 of a part's documents in order: how a resumed stream checks that its skipped parts are unchanged."""
+    crc = 0
+    for text in texts:
+        crc = zlib.crc32(text.encode("utf-8", "replace") + b"\0", crc)
+    return crc
 
 
 def is_validation(text: str, fraction: float) -> bool:
@@ -198,12 +215,17 @@ def _worker_tokenizer(job: _Job) -> Any:
 def _tokenize_part(job: _Job) -> dict[str, Any]:
     """Tokenize one part into its train / validation shards; write its marker last."""
     tokenizer = _worker_tokenizer(job)
-    docs = list(read_documents(Path(job.part.path)))[job.part.start:job.part.stop]
+    if job.texts is not None:
+        docs = list(job.texts)
+    else:
+        docs = list(read_documents(Path(job.part.path)))[job.part.start:job.part.stop]
     out_dir = Path(job.out_dir)
     by_split: dict[str, list[str]] = {split: [] for split in SPLITS}
     for text in docs:
         by_split["validation" if is_validation(text, job.validation_fraction) else "train"].append(text)
     record: dict[str, Any] = {"part": asdict(job.part)}
+    if job.texts is not None:
+        record["texts_crc"] = texts_checksum(docs)
     for split, texts in by_split.items():
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         flat = np.fromiter((t for doc in ids for t in (*doc, job.eos_id)), dtype=np.dtype(job.dtype),
@@ -238,14 +260,15 @@ class PrepareReport:
         return sum(self.tokens.values()) / max(self.seconds, 1e-9)
 
 
-def prepare_corpus(sources: Sequence[str], tokenizer_name: str, out_dir: PathLike, *,
+def prepare_corpus(sources: Union[Sequence[str], HubSource], tokenizer_name: str, out_dir: PathLike, *,
                    load_tokenizer: Callable[[str], Any], num_workers: int = 1,
                    docs_per_part: int = 2000, validation_fraction: float = 0.01,
                    progress: bool = True) -> PrepareReport:
     """Tokenize ``sources`` with ``tokenizer_name`` into ``out_dir`` (see the module docstring).
 
     Args:
-        sources: files, directories or globs.
+        sources: files, directories or globs; or a :class:`HubSource` read
+            with ``datasets`` streaming.
         tokenizer_name: a tokenizer folder, hub name, or "minilm".
         load_tokenizer: name -> tokenizer, a module-level function (worker
             processes receive it by reference), e.g.
@@ -254,11 +277,12 @@ def prepare_corpus(sources: Sequence[str], tokenizer_name: str, out_dir: PathLik
         num_workers: tokenizing processes (1 = in this process).
         docs_per_part: the unit of work and of resumption.
         validation_fraction: share of documents held out (0 <= f < 1).
-        progress: a progress bar over parts.
+        progress: a progress bar over documents.
 
     Raises:
-        DataError: no source files, a folder prepared with another tokenizer or
-            other sources, a bad fraction.
+        DataError: no source files, a data set that cannot be opened or lacks
+            the text field, a folder prepared with another tokenizer or other
+            sources, a stream whose content changed under a resumed part, a bad fraction.
     """
     import time
 
@@ -268,18 +292,30 @@ def prepare_corpus(sources: Sequence[str], tokenizer_name: str, out_dir: PathLik
         raise DataError(f"docs_per_part={docs_per_part} and num_workers={num_workers} must be >= 1")
     start = time.perf_counter()
     out = Path(out_dir)
-    files = expand_sources(sources)
+    stream = open_stream(sources) if isinstance(sources, HubSource) else None  # a bad name fails here, early
+    files = [] if stream is not None else expand_sources(sources)
     tokenizer = load_tokenizer(tokenizer_name)
     identity = {"format_version": FORMAT_VERSION, "tokenizer": tokenizer_name,
                 "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "eos_id": eos_token_id(tokenizer),
                 "dtype": token_dtype(len(tokenizer)).name, "validation_fraction": validation_fraction,
-                "docs_per_part": docs_per_part, "sources": [str(p) for p in files]}
+                "docs_per_part": docs_per_part,
+                "sources": [sources.identity()] if stream is not None else [str(p) for p in files]}
     _check_or_start(out, identity)
-    parts = plan_parts(files, docs_per_part)
-    todo = [p for p in parts if not _marker(out, p.index).is_file()]
-    jobs = [_Job(p, str(out), tokenizer_name, load_tokenizer, identity["eos_id"], identity["dtype"], validation_fraction)
-            for p in todo]
-    _run_jobs(jobs, num_workers, progress)
+
+    def job(part: Part, texts: Optional[tuple[str, ...]] = None) -> _Job:
+        return _Job(part, str(out), tokenizer_name, load_tokenizer, identity["eos_id"], identity["dtype"],
+                    validation_fraction, texts)
+
+    parts: list[Part] = []
+    if stream is None:
+        parts = plan_parts(files, docs_per_part)
+        todo = [p for p in parts if not _marker(out, p.index).is_file()]
+        total: Optional[int] = sum(p.stop - p.start for p in todo)
+        jobs: Iterable[_Job] = [job(p) for p in todo]
+    else:
+        total = stream.total
+        jobs = _stream_jobs(stream, sources.label(), docs_per_part, out, job, parts)
+    done = _run_jobs(jobs, num_workers, progress, total)
     records = [json.loads(_marker(out, p.index).read_text()) for p in parts]
     index = {**identity, "complete": True,
              "splits": {split: {"tokens": sum(r[split]["tokens"] for r in records),
@@ -290,8 +326,39 @@ def prepare_corpus(sources: Sequence[str], tokenizer_name: str, out_dir: PathLik
     tmp.write_text(json.dumps(index, indent=1))
     os.replace(tmp, out / "index.json")
     return PrepareReport(str(out), {s: index["splits"][s]["tokens"] for s in SPLITS},
-                         {s: index["splits"][s]["documents"] for s in SPLITS}, len(todo), len(parts) - len(todo),
+                         {s: index["splits"][s]["documents"] for s in SPLITS}, done, len(parts) - done,
                          time.perf_counter() - start)
+
+
+def _stream_jobs(documents: Iterable[str], label: str, docs_per_part: int, out: Path,
+                 job: Callable[..., _Job], parts: list[Part]) -> Iterator[_Job]:
+    """Cut a document stream into parts of ``docs_per_part`` (appended to ``parts`` as they are read) and yield
+    a job for each part without a marker; a finished part is skipped after checking its documents' checksum."""
+    batch: list[str] = []
+
+    def cut() -> Optional[_Job]:
+        part = Part(len(parts), label, len(parts) * docs_per_part, len(parts) * docs_per_part + len(batch))
+        parts.append(part)
+        marker = _marker(out, part.index)
+        if not marker.is_file():
+            return job(part, tuple(batch))
+        if json.loads(marker.read_text()).get("texts_crc") != texts_checksum(batch):
+            raise DataError(f"{label}: documents {part.start}-{part.stop - 1} differ from those prepared in {out} "
+                            f"(part {part.index}); the stream changed since: prepare into a new folder, or "
+                            f"delete {out} to start over")
+        return None
+
+    for text in documents:
+        batch.append(text)
+        if len(batch) == docs_per_part:
+            pending = cut()
+            batch = []
+            if pending is not None:
+                yield pending
+    if batch or not parts:  # an empty tail still closes the stream, as an empty file gets its part
+        pending = cut()
+        if pending is not None:
+            yield pending
 
 
 def _check_or_start(out: Path, identity: dict[str, Any]) -> None:
@@ -302,27 +369,47 @@ def _check_or_start(out: Path, identity: dict[str, Any]) -> None:
         previous = json.loads(stamp.read_text())
         changed = sorted(k for k in identity if previous.get(k) != identity[k])
         if changed:
+            hub = bool(identity["sources"]) and isinstance(identity["sources"][0], dict)
+            what = f"the data set changed ({previous.get('sources')} -> {identity['sources']})" if hub \
+                else "the source files changed"
             detail = "; ".join(f"{k}: {previous.get(k)!r} -> {identity[k]!r}" for k in changed
-                               if k != "sources") + ("; the source files changed" if "sources" in changed else "")
+                               if k != "sources") + (f"; {what}" if "sources" in changed else "")
             raise DataError(f"{out} was prepared with other settings ({detail}). Prepare into a new folder, "
                             f"or delete {out} to start over")
     else:
         stamp.write_text(json.dumps(identity))
 
 
-def _run_jobs(jobs: list[_Job], num_workers: int, progress: bool) -> None:
+def _run_jobs(jobs: Iterable[_Job], num_workers: int, progress: bool, total: Optional[int]) -> int:
+    """Run the jobs, in this process or in ``num_workers`` spawned ones; returns how many ran.
+
+    At most two jobs per worker are in flight, so a stream is never read far
+    ahead of the tokenizers into memory. The bar counts documents.
+    """
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), desc="tokenizing", unit="part", disable=not progress or not jobs)
-    if num_workers == 1 or len(jobs) <= 1:
+    bar = tqdm(total=total, desc="tokenizing", unit="doc", disable=not progress)
+    count = 0
+
+    def finished(record: dict[str, Any]) -> None:
+        nonlocal count
+        count += 1
+        bar.update(record["part"]["stop"] - record["part"]["start"])
+
+    if num_workers == 1 or (isinstance(jobs, list) and len(jobs) <= 1):
         for job in jobs:
-            _tokenize_part(job)
-            bar.update(1)
+            finished(_tokenize_part(job))
     else:
-        with get_context("spawn").Pool(min(num_workers, len(jobs))) as pool:
-            for _ in pool.imap_unordered(_tokenize_part, jobs):
-                bar.update(1)
+        with get_context("spawn").Pool(num_workers) as pool:
+            pending: collections.deque = collections.deque()
+            for job in jobs:
+                pending.append(pool.apply_async(_tokenize_part, (job,)))
+                while len(pending) >= 2 * num_workers:
+                    finished(pending.popleft().get())
+            while pending:
+                finished(pending.popleft().get())
     bar.close()
+    return count
 
 
 def read_index(corpus_dir: PathLike, tokenizer: Optional[Any] = None) -> dict[str, Any]:

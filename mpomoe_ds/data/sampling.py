@@ -2,8 +2,11 @@
 
 The task of step s is a function of (seed, s) alone, so every rank trains the
 same task (and task head) at the same step; each rank reads its own disjoint
-rows of the global batch. Shape legend: B per-rank micro-batch, W world size,
-G = B * W global batch, K tasks.
+rows of the global batch. A task may be a packed pretraining corpus
+(``data.corpora`` together with ``data.tasks``): it is one more source of
+whole micro-batches, so every micro-batch still holds one task, as the
+multi-task model needs. Shape legend: B per-rank micro-batch, W world size,
+G = B * W global batch, K tasks (sources).
 """
 
 from __future__ import annotations
@@ -15,7 +18,15 @@ import torch
 
 from mpomoe_ds import parallel
 from mpomoe_ds.data.config import REMAINDERS, DataConfig
-from mpomoe_ds.data.mixture import MixtureSampler, PackedMixtureBatches
+from mpomoe_ds.data.corpus import PackedSequences
+from mpomoe_ds.data.mixture import (
+    MixtureSampler,
+    PackedMixtureBatches,
+    carried_tokens_seen,
+    epoch_sequences,
+    lm_batch,
+    packed_rows,
+)
 from mpomoe_ds.data.tasks import DataError
 from mpomoe_ds.data.tokenize import TaskData, make_batch
 
@@ -58,13 +69,22 @@ class MultiTaskBatchSampler:
     within one batch, which is the price of using it at all). k is the number of earlier steps that chose task i, so the
     state at step s is recomputed from (seed, s) alone: resuming is exact.
 
+    Packed corpora (``packed[i]``). A corpus source's k-th global batch is
+    its samples [k G, (k+1) G) of the corpus's endless epoch-permuted sequence
+    stream (:func:`mpomoe_ds.data.mixture.epoch_sequences`, O(1) memory): no
+    remainder, every epoch visits every packed sequence once.
+
+    Weights. ``probabilities`` (normalised per-source weights) replace the
+    temperature rule when given.
+
     Epochs. The stream is infinite; ``steps_per_epoch`` = sum_i batches per
     pass (one pass over every task in expectation at T = 1).
     """
 
     def __init__(self, task_sizes: Sequence[int], batch_size: int, *, rank: int = 0, world_size: int = 1,
                  temperature: float = 1.0, seed: int = 0, remainder: str = "drop", start_step: int = 0,
-                 task_names: Optional[Sequence[str]] = None) -> None:
+                 task_names: Optional[Sequence[str]] = None, probabilities: Optional[Sequence[float]] = None,
+                 packed: Optional[Sequence[bool]] = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         if batch_size < 1 or remainder not in REMAINDERS or start_step < 0 or not task_sizes:
@@ -75,10 +95,17 @@ class MultiTaskBatchSampler:
         self.temperature, self.seed, self.remainder = float(temperature), int(seed), remainder
         self.start_step = start_step
         self.global_batch_size = batch_size * world_size
-        self.probabilities = temperature_probabilities(self.task_sizes, self.temperature)
+        self.weighted = probabilities is not None
+        self.probabilities = (np.asarray(probabilities, dtype=np.float64) if self.weighted
+                              else temperature_probabilities(self.task_sizes, self.temperature))
+        self.packed = tuple(bool(p) for p in packed) if packed is not None else (False,) * len(self.task_sizes)
+        if len(self.probabilities) != len(self.task_sizes) or len(self.packed) != len(self.task_sizes):
+            raise ValueError(f"{len(self.task_sizes)} tasks but {len(self.probabilities)} probabilities and "
+                             f"{len(self.packed)} packed flags")
         names = list(task_names) if task_names else [f"task {i}" for i in range(len(self.task_sizes))]
         G = self.global_batch_size
-        self.batches_per_pass = tuple(n // G if remainder == "drop" else -(-n // G) for n in self.task_sizes)
+        self.batches_per_pass = tuple(-(-n // G) if remainder == "wrap" or is_packed else n // G
+                                      for n, is_packed in zip(self.task_sizes, self.packed))
         for name, n, batches in zip(names, self.task_sizes, self.batches_per_pass):
             if batches == 0:
                 raise DataError(f"{name}: {n} training rows are fewer than one global batch (micro-batch "
@@ -96,7 +123,10 @@ class MultiTaskBatchSampler:
         world reads rows [r B, (r+1) B) of the same G rows, so a resume with
         the same G at another world size continues at the same global sample.
         """
-        return (self.task_sizes, self.global_batch_size, self.temperature, self.seed, self.remainder)
+        plan = (self.task_sizes, self.global_batch_size, self.temperature, self.seed, self.remainder)
+        if self.weighted or any(self.packed):  # plain task runs keep the fingerprint their checkpoints hold
+            plan += ((tuple(float(p) for p in self.probabilities), self.packed),)
+        return plan
 
     def _chunk_tasks(self, chunk: int) -> np.ndarray:
         """Task ids of steps [chunk * 1024, (chunk + 1) * 1024), by inverse-CDF sampling."""
@@ -114,6 +144,8 @@ class MultiTaskBatchSampler:
     def _global_rows(self, task: int, k: int, cache: dict[int, tuple[int, np.ndarray]]) -> np.ndarray:
         """Rows of the k-th global batch (G,) of ``task``; cache holds each task's current pass."""
         n, batches, G = self.task_sizes[task], self.batches_per_pass[task], self.global_batch_size
+        if self.packed[task]:
+            return epoch_sequences(k * G + np.arange(G), n, self.seed, task)
         pass_index, j = divmod(k, batches)
         if cache.get(task, (-1,))[0] != pass_index:
             order = np.random.default_rng([self.seed, _SHUFFLE_STREAM, task, pass_index]).permutation(n)
@@ -141,13 +173,16 @@ class MultiTaskBatchSampler:
 
 
 class _BatchFetcher(torch.utils.data.Dataset):
-    """Map-style view for a DataLoader whose batch_sampler yields BatchIndex."""
+    """Map-style view for a DataLoader whose batch_sampler yields BatchIndex (task rows or packed sequences)."""
 
-    def __init__(self, tasks: Sequence[TaskData]) -> None:
+    def __init__(self, tasks: Sequence[TaskData], document_masking: bool = False) -> None:
         self.tasks = list(tasks)
+        self.document_masking = document_masking
 
     def __getitems__(self, index: BatchIndex) -> dict[str, torch.Tensor]:
         task = self.tasks[index.task_id]
+        if isinstance(task.train, PackedSequences):
+            return lm_batch(*packed_rows(task.train, index.indices, self.document_masking), task.task_id)
         return make_batch(task, task.train, index.indices)
 
     def __getitem__(self, index: BatchIndex) -> dict[str, torch.Tensor]:
@@ -167,18 +202,28 @@ class TrainBatches:
     ``load_state_dict()`` / ``skip()`` move it; call them before iterating:
     a running iterator keeps its position. With num_workers > 0 the workers
     prefetch ahead, but the counted step is the consumer's, so checkpoints
-    stay exact.
+    stay exact. ``tokens_seen`` counts, per task, the real (unpadded) tokens
+    this rank has consumed; it is saved with the step.
+
+    Tasks whose ``train`` is :class:`PackedSequences` are pretraining
+    corpora (whole micro-batches of packed causal-LM rows, with document
+    position ids when ``document_masking``); ``probabilities`` fixes the
+    per-step task mixture instead of temperature sampling.
     """
 
     def __init__(self, tasks: Sequence[TaskData], batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 temperature: float = 1.0, seed: int = 0, remainder: str = "drop", num_workers: int = 0) -> None:
+                 temperature: float = 1.0, seed: int = 0, remainder: str = "drop", num_workers: int = 0,
+                 probabilities: Optional[Sequence[float]] = None, document_masking: bool = False) -> None:
         self.tasks = list(tasks)
         self.num_workers = num_workers
+        self.document_masking = document_masking
         self._sampler_args = dict(batch_size=batch_size, rank=rank, world_size=world_size,
                                   temperature=temperature, seed=seed, remainder=remainder,
-                                  task_names=[t.spec.name for t in self.tasks])
+                                  task_names=[t.spec.name for t in self.tasks], probabilities=probabilities,
+                                  packed=[isinstance(t.train, PackedSequences) for t in self.tasks])
         self.sampler = self._make_sampler(0)  # validates sizes now, not at the first step
         self.step = 0
+        self.tokens_seen = {t.spec.name: 0 for t in self.tasks}
 
     def _make_sampler(self, start_step: int) -> MultiTaskBatchSampler:
         return MultiTaskBatchSampler([len(t.train) for t in self.tasks], start_step=start_step,
@@ -190,24 +235,26 @@ class TrainBatches:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.sampler = self._make_sampler(self.step)
+        fetcher = _BatchFetcher(self.tasks, self.document_masking)
         if self.num_workers == 0:
-            fetcher = _BatchFetcher(self.tasks)
             batches: Any = map(fetcher.__getitems__, self.sampler)
         else:
-            batches = torch.utils.data.DataLoader(_BatchFetcher(self.tasks), batch_sampler=self.sampler,
+            batches = torch.utils.data.DataLoader(fetcher, batch_sampler=self.sampler,
                                                   collate_fn=_passthrough, num_workers=self.num_workers)
         for batch in batches:
             self.step += 1
+            self.tokens_seen[self.tasks[int(batch["task_id"][0])].spec.name] += int(batch["attention_mask"].sum())
             yield batch
 
     def skip(self, steps: int) -> None:
-        """Advance by ``steps`` batches without building them."""
+        """Advance by ``steps`` batches without building them (their tokens are not counted in tokens_seen)."""
         if steps < 0:
             raise ValueError(f"steps={steps}: cannot skip backwards; use load_state_dict")
         self.step += steps
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "fingerprint": _jsonable(self.sampler.fingerprint())}
+        return {"step": self.step, "fingerprint": _jsonable(self.sampler.fingerprint()),
+                "tokens_seen": dict(self.tokens_seen)}
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Continue at state["step"]; strict: the saved plan must match (same data, global batch, seed, T).
@@ -220,8 +267,9 @@ class TrainBatches:
         """
         saved, current = state.get("fingerprint"), _jsonable(self.sampler.fingerprint())
         if strict and saved != current:
-            labels = ("task_sizes", "global_batch", "temperature", "seed", "remainder")
-            diffs = [f"{name}: saved {a} now {b}" for name, a, b in zip(labels, saved or [None] * 5, current)
+            labels = ("task_sizes", "global_batch", "temperature", "seed", "remainder", "weights/packed")
+            padded = list(saved or []) + [None] * (len(labels) - len(saved or []))
+            diffs = [f"{name}: saved {a} now {b}" for name, a, b in zip(labels, padded, current + [None])
                      if a != b]
             hint = ""
             if saved and len(saved) == len(current) and saved[1] != current[1]:
@@ -233,6 +281,7 @@ class TrainBatches:
                             f"would not continue the same batches; restore the setting, or pass strict=False "
                             f"to continue at step {state['step']} with the new plan")
         self.step = int(state["step"])
+        self.tokens_seen = carried_tokens_seen(self.tokens_seen, state.get("tokens_seen", {}), self.sampler.rank)
 
 
 def _jsonable(value: Any) -> Any:
@@ -246,10 +295,13 @@ def train_batches(tasks: Sequence[TaskData], config: DataConfig, batch_size: int
                   world_size: int = 1) -> Union[TrainBatches, PackedMixtureBatches]:
     """This rank's training stream for ``config``; batch_size is DeepSpeed's micro-batch per GPU.
 
-    With ``data.corpora``: packed causal-LM batches mixed per sample over the
-    corpora (``tasks`` are then the corpora, from ``prepare_tasks``).
+    With only ``data.corpora``: packed causal-LM batches mixed per sample over
+    the corpora (``tasks`` are then the corpora, from ``prepare_tasks``).
+    With tasks (and maybe corpora): single-task micro-batches, the task drawn
+    per step by weight (every task and corpus has one) or by temperature over
+    training rows (examples; packed sequences for a corpus).
     """
-    if config.corpora:
+    if config.corpora and not config.tasks:
         tokens = [len(t.train) * t.train.seq_len for t in tasks]
         probabilities = mixture_probabilities(tokens, [c.weight for c in config.corpora], config.temperature)
         return PackedMixtureBatches([t.train for t in tasks], [t.spec.name for t in tasks],
@@ -257,8 +309,11 @@ def train_batches(tasks: Sequence[TaskData], config: DataConfig, batch_size: int
                                     world_size=world_size, seed=config.seed,
                                     document_masking=config.document_masking,
                                     span_corruption=tasks[0].span_corruption)
+    weights = [entry.weight for entry in (*config.tasks, *config.corpora)]  # the order of prepare_tasks
     return TrainBatches(tasks, batch_size, rank=rank, world_size=world_size, temperature=config.temperature,
-                        seed=config.seed, remainder=config.remainder, num_workers=config.num_workers)
+                        seed=config.seed, remainder=config.remainder, num_workers=config.num_workers,
+                        probabilities=None if None in weights else np.asarray(weights) / sum(weights),
+                        document_masking=config.document_masking)
 
 
 def mixture_probabilities(token_counts: Sequence[int], weights: Optional[Sequence[Optional[float]]],

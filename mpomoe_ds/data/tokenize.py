@@ -114,13 +114,12 @@ def encode_label_words(spec: TaskSpec, tokenizer: "PreTrainedTokenizerBase") -> 
 
 
 def prepare_tasks(config: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> list[TaskData]:
-    """Load, validate and tokenize every task of the config, in task-id order.
+    """Load, validate and tokenize every task of the config, in task-id order: ``data.tasks``, then
+    ``data.corpora`` (one lm task each, :func:`corpus_tasks`).
 
     Raises DataError on the first problem, before any training starts. Every
     rank calls this and gets identical arrays (loading is deterministic).
     """
-    if config.corpora:
-        return corpus_tasks(config, tokenizer)
     tasks = []
     for task_id, entry in enumerate(config.tasks):
         spec = resolve_task(entry)
@@ -131,10 +130,10 @@ def prepare_tasks(config: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> l
             validation=None if validation is None else encode_split(validation, tokenizer, config.max_seq_len),
             train_source=train.source, validation_source=validation.source if validation else "",
             label_word_ids_CT=encode_label_words(spec, tokenizer)))
-    return tasks
+    return tasks + corpus_tasks(config, tokenizer, first_id=len(tasks))
 
 
-def corpus_tasks(config: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> list[TaskData]:
+def corpus_tasks(config: DataConfig, tokenizer: "PreTrainedTokenizerBase", first_id: int = 0) -> list[TaskData]:
     """One lm task per prepared corpus: train = its packed sequences, validation = held-out packed sequences.
 
     Only the indexes are read (and the first ``max_eval_sequences`` held-out
@@ -142,7 +141,7 @@ def corpus_tasks(config: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> li
     another tokenizer is refused.
     """
     tasks = []
-    for task_id, entry in enumerate(config.corpora):
+    for task_id, entry in enumerate(config.corpora, start=first_id):
         corpus = PreparedCorpus(entry.path, config.max_seq_len, tokenizer)
         spec = TaskSpec(name=entry.name, kind="lm", text_columns=("text",), label_column=None, num_labels=0,
                         metrics=("perplexity", "loss"), primary_metric="perplexity")

@@ -142,6 +142,10 @@ def check_corpus_objective(config: RunConfig, model_config: Any) -> None:
         return
     seq2seq = bool(getattr(model_config, "is_encoder_decoder", False))
     model = f"{config.model.name_or_path!r} ({getattr(model_config, 'model_type', None)})"
+    if seq2seq and config.data.tasks:
+        raise ConfigError(f"data.corpora with data.tasks and the encoder-decoder {model}: corpora are mixed with "
+                          f"tasks only as causal-LM packing for decoder models (gpt2, llama, ...); pretrain T5 with "
+                          f"span corruption in one run (data.tasks: []) and train the tasks in another")
     if seq2seq and config.data.span_corruption is None:
         raise ConfigError(f"data.corpora with the encoder-decoder {model}: pretrain it with T5 span corruption, "
                           f"data.span_corruption: {{}} (noise_density 0.15, mean_noise_span_length 3)")

@@ -19,7 +19,6 @@ import torch
 
 from mpomoe_ds import parallel
 from mpomoe_ds.config import to_dict
-from mpomoe_ds.data.mixture import PackedMixtureBatches
 from mpomoe_ds.data.sampling import check_same_plan, train_batches
 from mpomoe_ds.data.tokenize import prepare_tasks
 from mpomoe_ds.moe.grad_mask import mix_seed
@@ -303,7 +302,7 @@ class Trainer:
             counts = counts.detach().float().clone()
             counts = parallel.all_reduce(counts)  # tokens per expert over all ranks
         tokens = parallel.all_reduce(torch.tensor(float(window_tokens)))
-        corpus_tokens = self._corpus_tokens_seen()
+        source_tokens = self._tokens_seen()
         if self.rank != 0:
             return
         lr = self.engine.get_lr()[0]
@@ -315,7 +314,7 @@ class Trainer:
         if self.config.train.peak_tflops:
             scalars["train/mfu"] = mfu(scalars["train/tokens_per_s"], self.flops_per_token,
                                        self.config.train.peak_tflops, self.world)
-        scalars.update({f"train/tokens_seen/{name}": n for name, n in corpus_tokens.items()})
+        scalars.update({f"train/tokens_seen/{name}": n for name, n in source_tokens.items()})
         if "grad_norm" in stats:
             scalars["train/grad_norm"] = stats["grad_norm"]
         masks = [layer.central_mask for layer in self.moe_step.layers if layer.central_mask is not None]
@@ -333,10 +332,8 @@ class Trainer:
                          f"tokens/s {scalars['train/tokens_per_s']:.0f}"
                          + (f" MFU {100 * scalars['train/mfu']:.2f}%" if "train/mfu" in scalars else ""))
 
-    def _corpus_tokens_seen(self) -> dict[str, float]:
-        """Real tokens read so far per pretraining corpus, over all ranks ({} for task training)."""
-        if not isinstance(self.batches, PackedMixtureBatches):
-            return {}
+    def _tokens_seen(self) -> dict[str, float]:
+        """Real tokens read so far per task and pretraining corpus, over all ranks."""
         names = list(self.batches.tokens_seen)
         seen = parallel.all_reduce(torch.tensor([float(self.batches.tokens_seen[n]) for n in names],
                                                 dtype=torch.float64))
@@ -355,7 +352,9 @@ class Trainer:
         if self.rank == 0:  # a folder being rewritten (after a fallback) is incomplete until its new manifest
             (self.checkpoint_dir / tag / integrity.MANIFEST).unlink(missing_ok=True)
         parallel.barrier()
-        client_state = {"train_batches": self.batches.state_dict(), "step": step,
+        # Token counts saved as totals over ranks, so a resume at any world size carries them on exactly.
+        data_state = {**self.batches.state_dict(), "tokens_seen": self._tokens_seen()}
+        client_state = {"train_batches": data_state, "step": step,
                         "train_loss_first": self.train_loss_first, "nonfinite_total": self.nonfinite.total,
                         "world_size": self.world, "ep_size": self.config.moe.ep_size}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False, client_state=client_state)

@@ -194,8 +194,6 @@ def test_data_config_with_corpora_builds_lm_tasks_and_the_packed_stream(corpus, 
     assert batch["input_ids"].shape == (4, 16) and set(batch) == {"input_ids", "attention_mask", "labels",
                                                                   "task_id"}
     assert sum(stream.tokens_seen.values()) == int(batch["attention_mask"].sum())
-    with pytest.raises(Exception, match="cannot be mixed"):
-        DataConfig(tasks=["toy_sentiment"], corpora=[{"name": "en", "path": str(root / "prepared")}])
 
 
 def test_prepare_command_writes_a_corpus_and_says_what_it_did(tmp_path):

@@ -150,3 +150,44 @@ def test_two_rank_t5_span_corruption_pretraining_lowers_held_out_perplexity(t5_s
     metrics = json.loads((out / "metrics.json").read_text())
     before, after = metrics["untrained_eval"]["c"], metrics["eval"]["c"]
     assert after["perplexity"] < 0.5 * before["perplexity"], (before, after)
+
+
+def mixed_config(root: Path, out: Path, steps: int) -> Path:
+    """Corpus "a" and the builtin GLUE-style task toy_sentiment, half the micro-batches each."""
+    path = run_config(root, out, steps)
+    config = yaml.safe_load(path.read_text())
+    config["data"]["corpora"] = [{"name": "a", "path": str(root / "a"), "weight": 0.5, "max_eval_sequences": 16}]
+    config["data"]["tasks"] = [{"name": "toy_sentiment", "weight": 0.5, "max_eval_examples": 64}]
+    config["train"]["save_every"] = 4
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def last_scalars(run: Path, part: str) -> dict[str, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if part in tag}
+
+
+@pytest.mark.distributed
+def test_two_rank_run_mixing_a_corpus_with_a_task_trains_both_and_resumes_exactly(setup, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(mixed_config(setup, straight, 8))
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert set(metrics["eval"]) == {"toy_sentiment", "a"}  # per-task and per-corpus eval both run
+    for source in ("toy_sentiment", "a"):
+        assert metrics["eval"][source]["loss"] < metrics["untrained_eval"][source]["loss"], source
+    seen = last_scalars(straight, "tokens_seen")
+    assert set(seen) == {"train/tokens_seen/a", "train/tokens_seen/toy_sentiment"} and min(seen.values()) > 0
+    assert set(last_scalars(straight, "task_loss")) == {"train/task_loss/a", "train/task_loss/toy_sentiment"}
+
+    config = mixed_config(setup, split, 8)
+    train(config, "train.max_steps=4")
+    train(config, "--resume")
+    a = torch.load(straight / "checkpoints" / "step8" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    b = torch.load(split / "checkpoints" / "step8" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    assert last_scalars(split, "tokens_seen") == seen  # token counts carried on across the resume
