@@ -30,6 +30,11 @@ Modes:
             ``model.safetensors``), which ``AutoModelForCausalLM.from_pretrained``
             loads without mpomoe_ds (:mod:`mpomoe_ds.models.native_moe`, exact
             or refused).
+    remote  for families without a native MoE class (BERT, GPT-2, DistilBERT,
+            T5): the merged weights as ``model.safetensors`` with a generated
+            ``modeling_mpomoe.py`` that ``AutoModel.from_pretrained(folder,
+            trust_remote_code=True)`` loads without mpomoe_ds
+            (:mod:`mpomoe_ds.models.remote_export`); not read by load_converted.
 
 A DeepSpeed MoE checkpoint (0.19.8, ``engine._save_moe_checkpoint``) is a tag
 folder holding ``mp_rank_00_model_states.pt``, whose ``'module'`` dict has
@@ -64,7 +69,10 @@ from mpomoe_ds.mpo.config import MPOConfig
 PathLike = Union[str, Path]
 
 
-MODES = ("mpo", "merged")
+MODES = ("mpo", "merged", "remote")
+
+
+LOADABLE_MODES = ("mpo", "merged")  # what load_converted reads; "remote" folders load with transformers alone
 
 
 FORMAT_VERSION = 1
@@ -93,7 +101,8 @@ def save_converted(model: nn.Module, out_dir: PathLike, mode: str = "mpo") -> Pa
             with ep_size=1 (for expert-parallel runs export the DeepSpeed
             checkpoint with :func:`export_deepspeed_checkpoint`).
         out_dir: created if missing; existing files of the same names are replaced.
-        mode: "mpo" (cores as trained) or "merged" (dense expert matrices).
+        mode: "mpo" (cores as trained), "merged" (dense expert matrices) or
+            "remote" (dense expert matrices with a trust_remote_code modeling file).
 
     Returns:
         ``out_dir`` as a Path.
@@ -106,6 +115,10 @@ def save_converted(model: nn.Module, out_dir: PathLike, mode: str = "mpo") -> Pa
             raise ValueError(f"{name} holds {layer.num_local_experts} of {layer.num_experts} experts "
                              f"(ep_size={layer.ep_size}); save_converted needs every expert in one process. "
                              f"Save a DeepSpeed checkpoint and use export_deepspeed_checkpoint")
+    if mode == "remote":
+        from mpomoe_ds.models.remote_export import save_remote_code  # it imports this module's helpers
+
+        return save_remote_code(model, out_dir)
     if mode == "merged" and has_native_target(model):
         return save_native_moe(model, out_dir)  # Mixtral / Qwen3-MoE: plain transformers loads it
     state = {k: v.detach() for k, v in model.state_dict().items()}
@@ -168,8 +181,8 @@ def read_export_config(out_dir: PathLike) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {meta.get('format_version')!r}, this mpomoe_ds reads "
                          f"{FORMAT_VERSION}")
-    if meta.get("mode") not in MODES:
-        raise ValueError(f"{path}: mode {meta.get('mode')!r} is not one of {list(MODES)}")
+    if meta.get("mode") not in LOADABLE_MODES:
+        raise ValueError(f"{path}: mode {meta.get('mode')!r} is not one of {list(LOADABLE_MODES)}")
     return meta
 
 
@@ -326,7 +339,7 @@ def export_deepspeed_checkpoint(checkpoint_dir: PathLike, tag: Optional[str], mo
             same transformers class and config, converted with the same MoE /
             MPO configs but ``ep_size=1``. Its weights are all replaced.
         out_dir: where the export goes.
-        mode: "merged" or "mpo" (see the module docstring).
+        mode: "merged", "mpo" or "remote" (see the module docstring).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {list(MODES)}")
