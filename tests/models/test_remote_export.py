@@ -121,3 +121,47 @@ def test_remote_export_refuses_what_the_file_cannot_compute(tmp_path):
     with pytest.raises(ValueError, match=r"needs dropless routing .*moe.dropless=False"):
         save_converted(model, tmp_path / "gpt2", mode="remote")
     assert not (tmp_path / "gpt2").exists() and not (tmp_path / "llama").exists()
+
+
+# A random GPT-2 in the shape a user would train first; the minilm tokenizer's vocabulary.
+TINY_GPT2 = {"name_or_path": "gpt2", "tokenizer": "minilm", "random_init": True,
+             "config_overrides": {"vocab_size": 30522, "n_embd": 64, "n_inner": 128, "n_layer": 2, "n_head": 4,
+                                  "n_positions": 64, "pad_token_id": 0}}
+
+
+def test_cli_exports_a_trained_gpt2_run_as_remote_code_that_plain_transformers_loads(tmp_path):
+    """mpomoe-export --mode remote on a training run's checkpoint (model and head read from its run_config.json);
+    the reference is the same checkpoint exported as MPO cores and rebuilt by load_converted."""
+    import yaml
+
+    from mpomoe_ds.cli.export import main as export_cli
+    from mpomoe_ds.cli.train import run as train_cli
+    from mpomoe_ds.models.export import load_converted
+
+    from conftest import TINY_DS, tiny_run_config
+
+    config = tiny_run_config(tmp_path / "gpt2", max_steps=3, log_every=3, diversity_tokens=0)
+    config["model"] = TINY_GPT2
+    config["moe"].update(ep_size=1, layers="all", k=2)
+    config["data"] = {"builtin": "toy_lm", "max_seq_len": 32,
+                      "tasks": [{"name": "toy_lm", "max_train_examples": 64, "max_eval_examples": 8}]}
+    (tmp_path / "ds.json").write_text(json.dumps(TINY_DS))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    train_cli(["--config", str(tmp_path / "run.yaml"), "--deepspeed_config", str(tmp_path / "ds.json")])
+
+    run_dir = tmp_path / "gpt2"
+    common = ["--checkpoint", str(run_dir / "checkpoints"), "--moe-config", str(run_dir / "run_config.json")]
+    assert export_cli([*common, "--out", str(tmp_path / "remote"), "--mode", "remote"]) == 0
+    assert export_cli([*common, "--out", str(tmp_path / "mpo"), "--mode", "mpo"]) == 0
+    reference = load_converted(tmp_path / "mpo")
+    assert type(reference).__name__ == "GPT2LMHeadModel"  # the run trained the causal-LM head
+    batch = family_zoo.inputs("gpt2")
+    torch.save(batch, tmp_path / "remote" / "batch.pt")
+    with torch.no_grad():
+        expected = reference(**batch).logits
+
+    report = load_in_fresh_process({tmp_path / "remote": "AutoModelForCausalLM"}, tmp_path)
+    assert report["mpomoe_ds_imported"] is False
+    assert report["models"][str(tmp_path / "remote")] == {"class": "MPOEGPT2LMHeadModel", "missing": [],
+                                                          "unexpected": []}
+    assert (torch.load(tmp_path / "remote" / "fresh_out.pt") - expected).abs().max() < TOL
