@@ -174,6 +174,10 @@ def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
 def read_export_config(out_dir: PathLike) -> dict:
     """The ``mpomoe_config.json`` of an export folder, checked."""
     path = Path(out_dir) / MPOMOE_CONFIG_NAME
+    if not path.is_file() and (Path(out_dir) / "modeling_mpomoe.py").is_file():
+        raise FileNotFoundError(f"{out_dir} is a remote-code export (mode 'remote'): load it with transformers, "
+                                f"AutoModel.from_pretrained(folder, trust_remote_code=True); load_converted "
+                                f"reads the 'mpo' and 'merged' modes")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {out_dir} is not an mpomoe_ds export "
                                 f"(write one with mpomoe_ds.models.export.save_converted)")

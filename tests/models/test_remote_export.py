@@ -92,6 +92,7 @@ def test_remote_code_exports_load_without_mpomoe_ds_and_give_the_converted_outpu
 
 
 def test_the_modeling_file_is_the_shared_source_plus_a_small_family_part(tmp_path):
+    from mpomoe_ds.models.export import load_converted
     from mpomoe_ds.models.remote_export import SHARED_SOURCE
 
     model = family_zoo.build("t5-relu")
@@ -105,6 +106,8 @@ def test_the_modeling_file_is_the_shared_source_plus_a_small_family_part(tmp_pat
     assert "class MPOET5ForConditionalGeneration(MPOEModelMixin, T5ForConditionalGeneration)" in family_part
     imports = {line.split()[1] for line in source.splitlines() if line.startswith(("import ", "from "))}
     assert imports <= {"__future__", "typing", "torch", "torch.nn.functional", "transformers"}, imports
+    with pytest.raises(FileNotFoundError, match=r"remote-code export .*trust_remote_code=True"):
+        load_converted(folder)
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "mpomoe_t5" and config["mpomoe"]["blocks"] == ["encoder.block.0.layer.1"]
     assert config["auto_map"]["AutoModelForSeq2SeqLM"] == "modeling_mpomoe.MPOET5ForConditionalGeneration"
