@@ -61,7 +61,9 @@ from torch import nn
 from mpomoe_ds.config import from_dict, to_dict
 from mpomoe_ds.models.convert import ConversionSpec, convert_model
 from mpomoe_ds.models.hf import load_model
+from mpomoe_ds.models.merged import EXPERTS_PREFIX, merge_expert_state, save_tensors
 from mpomoe_ds.models.native_moe import has_native_target, save_native_moe
+from mpomoe_ds.models.remote_export import save_remote_code
 from mpomoe_ds.moe.config import MoEConfig
 from mpomoe_ds.moe.layer import MPOEMoE, moe_layers
 from mpomoe_ds.mpo.config import MPOConfig
@@ -82,9 +84,6 @@ MPOMOE_CONFIG_NAME = "mpomoe_config.json"
 
 
 WEIGHTS_NAME = "mpomoe_model.safetensors"
-
-
-EXPERTS_PREFIX = "deepspeed_moe.experts.deepspeed_experts"
 
 
 DS_MAIN_FILE = "mp_rank_00_model_states.pt"
@@ -116,8 +115,6 @@ def save_converted(model: nn.Module, out_dir: PathLike, mode: str = "mpo") -> Pa
                              f"(ep_size={layer.ep_size}); save_converted needs every expert in one process. "
                              f"Save a DeepSpeed checkpoint and use export_deepspeed_checkpoint")
     if mode == "remote":
-        from mpomoe_ds.models.remote_export import save_remote_code  # it imports this module's helpers
-
         return save_remote_code(model, out_dir)
     if mode == "merged" and has_native_target(model):
         return save_native_moe(model, out_dir)  # Mixtral / Qwen3-MoE: plain transformers loads it
@@ -135,40 +132,6 @@ def save_converted(model: nn.Module, out_dir: PathLike, mode: str = "mpo") -> Pa
     (out / MPOMOE_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     save_tensors(state, out / WEIGHTS_NAME)
     return out
-
-
-def merge_expert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with each MPO layer's cores replaced by per-expert dense matrices.
-
-    Drops ``<layer>.central.*`` and every expert's ``*_aux.*`` cores, adds
-    ``<layer>.deepspeed_moe.experts.deepspeed_experts.<e>.{gate,up,down}_weight``
-    (the names of :class:`mpomoe_ds.moe.experts.FFNExpert`). Layers that already
-    have plain experts are left as they are.
-    """
-    state = dict(state)
-    for name, layer in moe_layers(model):
-        if not layer.central:
-            continue
-        with torch.no_grad():
-            weights = layer.expert_weights()
-        for key in [k for k in state if k.startswith(f"{name}.central.")]:
-            del state[key]
-        for e, expert in enumerate(layer.experts.deepspeed_experts):
-            prefix = f"{name}.{EXPERTS_PREFIX}.{e}"
-            for pname in dict(expert.named_parameters()):
-                if "_aux." in pname:
-                    del state[f"{prefix}.{pname}"]
-            for m, weight_LIO in weights.items():
-                state[f"{prefix}.{m}_weight"] = weight_LIO[e]
-    return state
-
-
-def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    # safetensors refuses tensors that share storage (tied embeddings, views): save copies.
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path),
-              metadata={"format": "pt"})
 
 
 def read_export_config(out_dir: PathLike) -> dict:

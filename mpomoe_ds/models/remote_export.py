@@ -34,6 +34,7 @@ from typing import Union
 from torch import nn
 
 from mpomoe_ds.models.convert import ConversionSpec
+from mpomoe_ds.models.merged import merge_expert_state, save_tensors
 from mpomoe_ds.models.wrappers import moe_wrappers
 
 SHARED_SOURCE = Path(__file__).parent / "remote_code" / "modeling_shared.py"
@@ -160,8 +161,6 @@ def save_remote_code(model: nn.Module, out_dir: Union[str, Path]) -> Path:
     Raises:
         ValueError: see :func:`check_remote_exportable`.
     """
-    from mpomoe_ds.models.export import merge_expert_state, save_tensors  # export dispatches here: no cycle
-
     spec = ConversionSpec.of(model)
     check_remote_exportable(model, spec)
     name, fam = type(model).__name__, REMOTE_FAMILIES[spec.family]
