@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpomoe-export",
         description="Export a DeepSpeed MPOE checkpoint (any ep_size) to a folder that "
-                    "mpomoe_ds.models.export.load_converted turns back into a transformers model.",
+                    "mpomoe_ds.models.export.load_converted turns back into a transformers model "
+                    "(mpo / merged), or that plain transformers loads (merged for Llama / Mistral / Qwen "
+                    "causal LMs; remote with trust_remote_code=True for the other families).",
         epilog="Examples: mpomoe-export --checkpoint runs/llama/checkpoints --moe-config "
                "runs/llama/run_config.json --out exported (a training run: model and head from its config); "
                "mpomoe-export --checkpoint runs/ckpt --tag global_step100 "
@@ -61,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one in CHECKPOINT/latest)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--mode", choices=MODES, default="merged",
-                        help="merged: dense per-expert matrices (no reconstruction at inference); "
-                             "mpo: the MPO cores as trained (default: merged)")
+                        help="merged: dense per-expert matrices (no reconstruction at inference; Llama / "
+                             "Mistral / Qwen causal LMs as transformers' Mixtral / Qwen-MoE); mpo: the MPO cores "
+                             "as trained; remote: merged, with a trust_remote_code modeling file (BERT, GPT-2, "
+                             "DistilBERT, T5) that plain transformers loads (default: merged)")
     parser.add_argument("--model", default=None,
                         help="folder or hub name with the base model's config.json (weights are not read); "
                              "'minilm': the packaged all-MiniLM-L6-v2 (default: the model section of "

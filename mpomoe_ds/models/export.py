@@ -30,6 +30,11 @@ Modes:
             ``model.safetensors``), which ``AutoModelForCausalLM.from_pretrained``
             loads without mpomoe_ds (:mod:`mpomoe_ds.models.native_moe`, exact
             or refused).
+    remote  for families without a native MoE class (BERT, GPT-2, DistilBERT,
+            T5): the merged weights as ``model.safetensors`` with a generated
+            ``modeling_mpomoe.py`` that ``AutoModel.from_pretrained(folder,
+            trust_remote_code=True)`` loads without mpomoe_ds
+            (:mod:`mpomoe_ds.models.remote_export`); not read by load_converted.
 
 A DeepSpeed MoE checkpoint (0.19.8, ``engine._save_moe_checkpoint``) is a tag
 folder holding ``mp_rank_00_model_states.pt``, whose ``'module'`` dict has
@@ -56,7 +61,9 @@ from torch import nn
 from mpomoe_ds.config import from_dict, to_dict
 from mpomoe_ds.models.convert import ConversionSpec, convert_model
 from mpomoe_ds.models.hf import load_model
+from mpomoe_ds.models.merged import EXPERTS_PREFIX, merge_expert_state, save_tensors
 from mpomoe_ds.models.native_moe import has_native_target, save_native_moe
+from mpomoe_ds.models.remote_export import save_remote_code
 from mpomoe_ds.moe.config import MoEConfig
 from mpomoe_ds.moe.layer import MPOEMoE, moe_layers
 from mpomoe_ds.mpo.config import MPOConfig
@@ -64,7 +71,10 @@ from mpomoe_ds.mpo.config import MPOConfig
 PathLike = Union[str, Path]
 
 
-MODES = ("mpo", "merged")
+MODES = ("mpo", "merged", "remote")
+
+
+LOADABLE_MODES = ("mpo", "merged")  # what load_converted reads; "remote" folders load with transformers alone
 
 
 FORMAT_VERSION = 1
@@ -74,9 +84,6 @@ MPOMOE_CONFIG_NAME = "mpomoe_config.json"
 
 
 WEIGHTS_NAME = "mpomoe_model.safetensors"
-
-
-EXPERTS_PREFIX = "deepspeed_moe.experts.deepspeed_experts"
 
 
 DS_MAIN_FILE = "mp_rank_00_model_states.pt"
@@ -93,7 +100,8 @@ def save_converted(model: nn.Module, out_dir: PathLike, mode: str = "mpo") -> Pa
             with ep_size=1 (for expert-parallel runs export the DeepSpeed
             checkpoint with :func:`export_deepspeed_checkpoint`).
         out_dir: created if missing; existing files of the same names are replaced.
-        mode: "mpo" (cores as trained) or "merged" (dense expert matrices).
+        mode: "mpo" (cores as trained), "merged" (dense expert matrices) or
+            "remote" (dense expert matrices with a trust_remote_code modeling file).
 
     Returns:
         ``out_dir`` as a Path.
@@ -106,6 +114,8 @@ def save_converted(model: nn.Module, out_dir: PathLike, mode: str = "mpo") -> Pa
             raise ValueError(f"{name} holds {layer.num_local_experts} of {layer.num_experts} experts "
                              f"(ep_size={layer.ep_size}); save_converted needs every expert in one process. "
                              f"Save a DeepSpeed checkpoint and use export_deepspeed_checkpoint")
+    if mode == "remote":
+        return save_remote_code(model, out_dir)
     if mode == "merged" and has_native_target(model):
         return save_native_moe(model, out_dir)  # Mixtral / Qwen3-MoE: plain transformers loads it
     state = {k: v.detach() for k, v in model.state_dict().items()}
@@ -124,43 +134,13 @@ def save_converted(model: nn.Module, out_dir: PathLike, mode: str = "mpo") -> Pa
     return out
 
 
-def merge_expert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with each MPO layer's cores replaced by per-expert dense matrices.
-
-    Drops ``<layer>.central.*`` and every expert's ``*_aux.*`` cores, adds
-    ``<layer>.deepspeed_moe.experts.deepspeed_experts.<e>.{gate,up,down}_weight``
-    (the names of :class:`mpomoe_ds.moe.experts.FFNExpert`). Layers that already
-    have plain experts are left as they are.
-    """
-    state = dict(state)
-    for name, layer in moe_layers(model):
-        if not layer.central:
-            continue
-        with torch.no_grad():
-            weights = layer.expert_weights()
-        for key in [k for k in state if k.startswith(f"{name}.central.")]:
-            del state[key]
-        for e, expert in enumerate(layer.experts.deepspeed_experts):
-            prefix = f"{name}.{EXPERTS_PREFIX}.{e}"
-            for pname in dict(expert.named_parameters()):
-                if "_aux." in pname:
-                    del state[f"{prefix}.{pname}"]
-            for m, weight_LIO in weights.items():
-                state[f"{prefix}.{m}_weight"] = weight_LIO[e]
-    return state
-
-
-def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    # safetensors refuses tensors that share storage (tied embeddings, views): save copies.
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path),
-              metadata={"format": "pt"})
-
-
 def read_export_config(out_dir: PathLike) -> dict:
     """The ``mpomoe_config.json`` of an export folder, checked."""
     path = Path(out_dir) / MPOMOE_CONFIG_NAME
+    if not path.is_file() and (Path(out_dir) / "modeling_mpomoe.py").is_file():
+        raise FileNotFoundError(f"{out_dir} is a remote-code export (mode 'remote'): load it with transformers, "
+                                f"AutoModel.from_pretrained(folder, trust_remote_code=True); load_converted "
+                                f"reads the 'mpo' and 'merged' modes")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {out_dir} is not an mpomoe_ds export "
                                 f"(write one with mpomoe_ds.models.export.save_converted)")
@@ -168,8 +148,8 @@ def read_export_config(out_dir: PathLike) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {meta.get('format_version')!r}, this mpomoe_ds reads "
                          f"{FORMAT_VERSION}")
-    if meta.get("mode") not in MODES:
-        raise ValueError(f"{path}: mode {meta.get('mode')!r} is not one of {list(MODES)}")
+    if meta.get("mode") not in LOADABLE_MODES:
+        raise ValueError(f"{path}: mode {meta.get('mode')!r} is not one of {list(LOADABLE_MODES)}")
     return meta
 
 
@@ -326,7 +306,7 @@ def export_deepspeed_checkpoint(checkpoint_dir: PathLike, tag: Optional[str], mo
             same transformers class and config, converted with the same MoE /
             MPO configs but ``ep_size=1``. Its weights are all replaced.
         out_dir: where the export goes.
-        mode: "merged" or "mpo" (see the module docstring).
+        mode: "merged", "mpo" or "remote" (see the module docstring).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {list(MODES)}")

@@ -21,6 +21,9 @@ LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hi
 T5 = dict(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
           decoder_start_token_id=0, pad_token_id=0)
 
+GPT2 = dict(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64, bos_token_id=0,
+            eos_token_id=0)
+
 
 def _build(config: transformers.PretrainedConfig, cls: type, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
@@ -54,16 +57,20 @@ CASES: dict[str, tuple[Callable[[int], torch.nn.Module], bool]] = {
                                        transformers.T5ForConditionalGeneration, s), True),
     "t5-encoder": (lambda s: _build(transformers.T5Config(**T5, feed_forward_proj="gated-gelu"),
                                     transformers.T5EncoderModel, s), False),
-    "gpt2": (lambda s: _build(transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                                      n_inner=64, bos_token_id=0, eos_token_id=0),
-                              transformers.GPT2LMHeadModel, s), False),
+    "gpt2": (lambda s: _build(transformers.GPT2Config(**GPT2), transformers.GPT2LMHeadModel, s), False),
+    "gpt2-seq-cls": (lambda s: _build(transformers.GPT2Config(**GPT2, num_labels=3, pad_token_id=0),
+                                      transformers.GPT2ForSequenceClassification, s), False),
+    "distilbert": (lambda s: _build(transformers.DistilBertConfig(vocab_size=VOCAB, max_position_embeddings=64,
+                                                                  n_layers=2, n_heads=4, dim=32, hidden_dim=64,
+                                                                  num_labels=3, initializer_range=0.2),
+                                    transformers.DistilBertForSequenceClassification, s), False),
     "minilm": (_minilm, False),
 }
 
 # family adapter each case must be converted with
 FAMILY_OF = {"llama-causal-lm": "llama", "llama-seq-cls": "llama", "mistral": "llama", "qwen2": "llama",
              "qwen3": "llama", "t5-relu": "t5", "t5-gated-gelu": "t5-gated", "t5-encoder": "t5-gated", "gpt2": "gpt2",
-             "minilm": "bert"}
+             "gpt2-seq-cls": "gpt2", "distilbert": "distilbert", "minilm": "bert"}
 
 
 def build(case: str, seed: int = 0) -> torch.nn.Module:
