@@ -83,6 +83,14 @@ def test_config_refuses_aux_gather_for_plain_experts_and_unknown_modes():
     assert MoEConfig().dispatch == "tokens"
 
 
+def test_config_refuses_segments_with_aux_gather_naming_the_fix():
+    with pytest.raises(ConfigError, match="moe.dropless_impl.*aux_gather.*dropless_impl: padded"):
+        MoEConfig(dispatch="aux_gather", dropless_impl="segments")
+    # token dispatch, and auto (which may pick tokens), keep segments
+    assert MoEConfig(dispatch="tokens", dropless_impl="segments").dropless_impl == "segments"
+    assert MoEConfig(dispatch="auto", dropless_impl="segments").dispatch == "auto"
+
+
 def gpt2_workload(**overrides) -> DispatchWorkload:
     """The issue's example: GPT-2 width, 8 experts, 8192 tokens per rank, k=1, fp32."""
     values = dict(tokens_per_rank=8192, hidden_size=768, k=1, accumulation=4, dtype_bytes=4,
