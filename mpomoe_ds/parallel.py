@@ -194,19 +194,34 @@ def reduce_scatter_flat(padded: torch.Tensor, group: ProcessGroup) -> torch.Tens
     """This rank's 1/world slice of the group's sum of ``padded`` (1-D, length divisible by the group size)."""
     if not _active(group):
         return padded
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world = dist.get_world_size(group)
     if padded.numel() % world:
         raise ValueError(f"reduce_scatter_flat: {padded.numel()} elements do not split into {world} shards; pad first")
     shard_numel = padded.numel() // world
     sent = padded.to(communication_device(group)).contiguous()
-    if str(dist.get_backend(group)).lower() in CPU_BACKENDS:  # no reduce-scatter there: all-reduce, keep a slice
-        _count("all_reduce", sent.nbytes, group, 2.0)
-        dist.all_reduce(sent, group=group)
-        return sent.narrow(0, rank * shard_numel, shard_numel).to(padded.device, copy=True)
-    shard = sent.new_empty(shard_numel)
     _count("reduce_scatter", sent.nbytes, group, 1.0)
-    dist.reduce_scatter_single(shard, sent, group=group)
+    if str(dist.get_backend(group)).lower() in CPU_BACKENDS:
+        shard = _reduce_scatter_by_all_to_all(sent, group, shard_numel)
+    else:
+        shard = sent.new_empty(shard_numel)
+        dist.reduce_scatter_single(shard, sent, group=group)
     return shard.to(padded.device)
+
+
+def _reduce_scatter_by_all_to_all(sent: torch.Tensor, group: ProcessGroup, shard_numel: int) -> torch.Tensor:
+    """Reduce-scatter for backends without one (gloo): block p of every rank goes to rank p, which sums them.
+
+    Sends what a ring reduce-scatter sends, (P-1)/P of the input, half of the
+    all-reduce-and-slice it replaces. The blocks are summed in rank order, so
+    the result does not depend on arrival order.
+    """
+    received_PN = torch.empty_like(sent)
+    dist.all_to_all_single(received_PN, sent, group=group)
+    blocks = received_PN.view(-1, shard_numel)
+    shard = blocks[0].clone()
+    for block in blocks[1:]:
+        shard.add_(block)
+    return shard
 
 
 def all_gather_object(obj: Any, group: Optional[ProcessGroup] = None) -> list[Any]:

@@ -44,6 +44,8 @@ def check_two_rank_results(results: list[dict], caller_device: str) -> None:
         assert out["gathered0"] == base[0].t().tolist() and out["gathered1"] == base[1].t().tolist()
         assert out["flat"] == [0.0, 0.0, 1.0, 1.0]
         assert out["shard"] == [[0.0, 3.0], [6.0, 9.0]][rank]  # (1 + 2) * arange(4), split in rank order
+        # a true reduce-scatter on gloo too (an all-to-all of the blocks): half of each rank's 16 bytes leave it
+        assert out["shard_traffic"] == {"reduce_scatter": 8}
         assert out["objects"] == [{"rank": 0}, {"rank": 1}]
         assert out["routed"] == [[0.0 + rank], [10.0 + rank]]  # row r of every rank goes to rank r
 

@@ -7,20 +7,22 @@ values per micro-batch. MPO experts differ only in their auxiliary tensors
 ``moe.shard_central``), which are far smaller. With ``moe.dispatch:
 aux_gather`` each rank instead
 
-1. all-gathers the auxiliary tensors of every expert of the layer over the
-   expert-parallel group (:class:`AuxGather`; one flat collective per layer),
+1. all-gathers the auxiliary tensors and biases of every expert of the layer
+   over the expert-parallel group (:class:`AuxGather`; one flat collective per
+   layer),
 2. rebuilds all E experts with the central tensor and computes its own tokens
    with a local, group-free dispatch (no all-to-all), and
 3. in the backward, sums every rank's auxiliary gradients back to the owners
-   (the all-gather's adjoint: a reduce-scatter, an all-reduce plus slice on
-   gloo), so each owner's ``.grad`` equals token dispatch's: the gradient of
-   every token of the group that reached its experts.
+   (the all-gather's adjoint: a reduce-scatter, on gloo an all-to-all of the
+   blocks, :func:`mpomoe_ds.parallel.reduce_scatter_flat`), so each owner's
+   ``.grad`` equals token dispatch's: the gradient of every token of the
+   group that reached its experts.
 
 Ownership, optimizer state and checkpoints are unchanged: the gathered copies
 are activations, not parameters. Under gradient accumulation the gather sits
 inside the per-step reconstruction (:class:`mpomoe_ds.moe.step_cache.StepReconstruction`),
-so it runs once per optimizer step and its adjoint once, in the last backward.
-Biases are gathered in every forward (E * (F + D) values, ~0.1% of the cores).
+so it runs once per optimizer step and its adjoint once, in the last backward;
+the biases ride in the same collective (the step cache holds them too).
 
 Not supported: expert hooks (the orthogonal expert optimizer of
 :mod:`mpomoe_ds.omoe` projects per *local* expert from the inputs its owner

@@ -80,7 +80,8 @@ class MoEConfig:
         per-expert split sizes and a grouped matmul over variable-sized expert
         segments, so computed slots equal routed tokens; the same math to
         roundoff, not bit-identical to "padded" (mpomoe_ds.moe.token_dispatcher).
-        Needs dropless: true.
+        Needs dropless: true and token dispatch (refused with dispatch:
+        aux_gather, which has no all-to-all; ignored where auto picks it).
     drop_policy: which routes survive a full expert: "position" (earlier
         tokens, first choices first) or "probs" (higher router probability).
     aux_loss_coef: weight of the Switch load-balancing loss E * sum_e f_e P_e.
@@ -231,6 +232,10 @@ class MoEConfig:
             fail(s, "dispatch", self.dispatch, "aux_gather ships auxiliary tensors and rebuilds experts from the "
                   "shared central tensor, which plain experts (expert_type 'ffn') do not have; use "
                   "dispatch: tokens (or auto, which picks tokens for them) or expert_type: mpo")
+        if self.dispatch == "aux_gather" and self.dropless_impl == "segments":
+            fail(s, "dropless_impl", self.dropless_impl, "segments lays out the token all-to-all, which aux_gather "
+                  "does not run (each rank computes its own tokens, padded per expert); set dropless_impl: "
+                  "padded, or dispatch: tokens (or auto: segments applies where it picks tokens)")
         for name in ("link_gbps", "device_tflops"):
             if getattr(self, name) <= 0:
                 fail(s, name, getattr(self, name), "the auto dispatch cost model needs a positive rate")

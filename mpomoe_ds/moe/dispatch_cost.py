@@ -10,12 +10,14 @@ bandwidth-optimal collectives:
   again in the backward, each sending the (P-1)/P of ``T * k * D`` values that
   leave the rank: ``4 * G * T * k * D * b * (P-1)/P``. (Dropless padding to the
   largest load only adds to it; it is left out, so this is a lower bound.)
-* aux_gather: one all-gather of every expert's auxiliary tensors per step and
-  its adjoint reduce-scatter: ``2 * E * A * b * (P-1)/P`` for A auxiliary
-  values per expert, plus the biases (B values per expert) in every
-  micro-batch: ``2 * G * E * B * b * (P-1)/P``.
-  Its price is compute: each rank rebuilds all E experts instead of its L,
-  once per step, forward and backward (about 3x the forward's FLOPs).
+* aux_gather: one all-gather of every expert's auxiliary tensors and biases
+  per step (the per-step reconstruction holds both, so G drops out) and its
+  adjoint reduce-scatter: ``2 * E * (A + B) * b * (P-1)/P`` for A auxiliary
+  and B bias values per expert. (On gloo the reduce-scatter is an all-to-all
+  of blocks, which sends the same (P-1)/P; mpomoe_ds.parallel counts both
+  kinds this way.) Its price is compute: each rank rebuilds all E experts
+  instead of its L, once per step, forward and backward (about 3x the
+  forward's FLOPs).
 
 Time = bytes / link bandwidth (+ extra reconstruction FLOPs / FLOP rate for
 aux_gather); the expert FFN compute itself is the same in both modes (each
@@ -65,9 +67,8 @@ class DispatchWorkload:
 
     def aux_bytes(self) -> float:
         """Bytes a rank sends per optimizer step with aux_gather."""
-        cores = 2 * self.num_experts * self.aux_per_expert * self.dtype_bytes
-        biases = 2 * self.accumulation * self.num_experts * self.bias_per_expert * self.dtype_bytes
-        return (cores + biases) * self._leaving
+        per_expert = self.aux_per_expert + self.bias_per_expert
+        return 2 * self.num_experts * per_expert * self.dtype_bytes * self._leaving
 
     def extra_reconstruction_flops(self) -> float:
         """FLOPs aux_gather adds per step: rebuilding the E - L experts this rank does not own."""

@@ -31,7 +31,9 @@ costs about |W| * (d_2 + d_3) = 1.4 GMAC, the cost of ~600 tokens through it):
   the weight are zero placeholders and its parameters still get (zero)
   gradients, as in the plain computation.
 * Under gradient accumulation the weights are rebuilt once per optimizer step
-  (:meth:`MoEExperts.set_micro_batch`): see :class:`StepReconstruction`.
+  (:meth:`MoEExperts.set_micro_batch`): see :class:`StepReconstruction`. The
+  step cache holds the bias stacks too, so aux_gather's one all-gather per
+  step carries cores and biases together.
 * :func:`reconstruct_shared` contracts in the cheapest order with large GEMMs
   and one blocked permutation; it runs in the cores' dtype (bf16 when the
   engine holds bf16 parameters) and follows ``torch.autocast``.
@@ -94,6 +96,11 @@ class ExpertHooks(Protocol):
 def recomputing() -> bool:
     """Whether this forward runs inside a backward pass: activation checkpointing recomputing it."""
     return torch._C._current_graph_task_id() != -1
+
+
+def _bias_key(matrix: str) -> str:
+    """Where a matrix's bias stack sits among the expert tensors of a forward (beside the weight ``matrix``)."""
+    return f"{matrix}_bias"
 
 
 def _stored_as_is(tensor: torch.Tensor) -> torch.Tensor:
@@ -227,58 +234,78 @@ class MoEExperts(Experts):
         """Whether the next forward can use ``active_L`` (MPO experts rebuilt in this forward)."""
         return self.is_mpo and not self._cache_in_use()
 
-    def _aux_stacks(self, gather: Optional[Gather]) -> dict[str, list[torch.Tensor]]:
-        """{matrix: [(L, ...) per auxiliary core]}; with ``gather``, (E, ...) stacks of the whole group."""
-        stacks = {m: [torch.stack(list(cores)) for cores in zip(*(e.aux_cores(m) for e in self.deepspeed_experts))]
-                  for m in self.matrices}
+    def _stacks(self, gather: Optional[Gather]) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:
+        """MPO experts' ({matrix: [(L, ...) per auxiliary core]}, {matrix: (L, out) bias}).
+
+        With ``gather``, (E, ...) stacks of the whole group, cores and biases
+        in one collective.
+        """
+        aux = {m: [torch.stack(list(cores)) for cores in zip(*(e.aux_cores(m) for e in self.deepspeed_experts))]
+               for m in self.matrices}
+        biases = self.biases()
         if gather is None:
-            return stacks
-        counts = [len(stacks[m]) for m in self.matrices]
-        flat = iter(gather.gather([a for m in self.matrices for a in stacks[m]]))
-        return {m: [next(flat) for _ in range(n)] for m, n in zip(self.matrices, counts)}
+            return aux, biases
+        flat = iter(gather.gather([a for m in self.matrices for a in aux[m]] + [biases[m] for m in self.matrices]))
+        aux = {m: [next(flat) for _ in aux[m]] for m in self.matrices}
+        return aux, {m: next(flat) for m in self.matrices}
+
+    def _reconstruct(self, aux: Mapping[str, list[torch.Tensor]], central: Optional[Mapping[str, torch.Tensor]],
+                     active_L: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{matrix: (N, I, O)} rebuilt from (N, ...) auxiliary stacks; with ``active_L`` only those rows."""
+        if central is None:
+            raise ValueError("MPO experts need the layer's central tensors to reconstruct their weights")
+        active_A = None if active_L is None else torch.nonzero(active_L).flatten()
+        weights = {}
+        for m in self.matrices:
+            stacks = aux[m] if active_A is None else [a.index_select(0, active_A) for a in aux[m]]
+            w = reconstruct_shared(stacks, central[m], self.central_index)
+            if active_A is not None:
+                w = w.new_zeros(aux[m][0].shape[0], *w.shape[1:]).index_copy(0, active_A, w)
+            weights[m] = w
+        return weights
 
     def expert_weights(self, central: Optional[dict[str, torch.Tensor]] = None,
-                       active_L: Optional[torch.Tensor] = None,
-                       gather: Optional[Gather] = None) -> dict[str, torch.Tensor]:
+                       active_L: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """{"up": (L, D, F), "down": (L, F, D)} (and "gate": (L, D, F)) for every local expert.
 
         MPO experts: one batched reconstruction per matrix
         (:func:`reconstruct_shared`). With ``active_L`` (bool, (L,)) only those
-        experts are rebuilt; the other rows are zero. With ``gather``
-        (``moe.dispatch: aux_gather``) every expert of the expert-parallel
-        group is rebuilt from gathered auxiliary tensors: (E, ...) rows.
+        experts are rebuilt; the other rows are zero.
         """
-        experts = self.deepspeed_experts
         if not self.is_mpo:
-            return {m: torch.stack([getattr(e, f"{m}_weight") for e in experts]) for m in self.matrices}
-        if central is None:
-            raise ValueError("MPO experts need the layer's central tensors to reconstruct their weights")
-        active_A = None if active_L is None else torch.nonzero(active_L).flatten()
-        stacks = self._aux_stacks(gather)
-        weights = {}
-        for m in self.matrices:
-            aux = stacks[m] if active_A is None else [a.index_select(0, active_A) for a in stacks[m]]
-            w = reconstruct_shared(aux, central[m], self.central_index)
-            if active_A is not None:
-                w = w.new_zeros(len(experts), *w.shape[1:]).index_copy(0, active_A, w)
-            weights[m] = w
-        return weights
+            return {m: torch.stack([getattr(e, f"{m}_weight") for e in self.deepspeed_experts]) for m in self.matrices}
+        return self._reconstruct(self._stacks(None)[0], central, active_L)
 
-    def _training_weights(self, central: Optional[dict[str, torch.Tensor]], active_L: Optional[torch.Tensor],
+    def _rebuild(self, central: Optional[dict[str, torch.Tensor]], active_L: Optional[torch.Tensor],
+                 gather: Optional[Gather]) -> dict[str, torch.Tensor]:
+        """This forward's expert tensors, built now: weights under their matrix names, biases under ``{m}_bias``.
+
+        With ``gather`` (``moe.dispatch: aux_gather``) every expert of the
+        expert-parallel group, (E, ...) rows, from one all-gather.
+        """
+        if not self.is_mpo:
+            weights, biases = self.expert_weights(), self.biases()
+        else:
+            aux, biases = self._stacks(gather)
+            weights = self._reconstruct(aux, central, active_L)
+        return {**weights, **{_bias_key(m): b for m, b in biases.items()}}
+
+    def _training_tensors(self, central: Optional[dict[str, torch.Tensor]], active_L: Optional[torch.Tensor],
                           gather: Optional[Gather]) -> dict[str, torch.Tensor]:
-        """The weights of this forward: from the per-step reconstruction, or rebuilt now."""
+        """The weights and biases of this forward (see :meth:`_rebuild`): from the per-step reconstruction,
+        or built now. Caching the biases with the weights makes aux_gather's one all-gather per step carry them."""
         if recomputing() and self._replay is not None:
             # Activation checkpointing re-runs this micro-batch's forward to regenerate saved activations:
-            # the same cached weights (no second step-gradient hook, no pending count).
+            # the same cached tensors (no second step-gradient hook, no pending count).
             return {m: w.view_as(w) for m, w in self._replay.items()}
         if not self._cache_in_use():
-            return self.expert_weights(central, active_L, gather)
+            return self._rebuild(central, active_L, gather)
         if self._step is None:
             # The step's reconstruction graph outlives this micro-batch (the last one back-propagates through it),
             # so its saved tensors are stored as they are, not packed by an enclosing activation checkpoint (which
             # would recompute this micro-batch to unpack them, and count them in its replay check).
             with torch.autograd.graph.saved_tensors_hooks(_stored_as_is, _stored_as_is):
-                self._step = StepReconstruction(self.expert_weights(central, gather=gather))
+                self._step = StepReconstruction(self._rebuild(central, None, gather))
         if not self._micro_batch[1]:
             self._replay = self._step.accumulating_weights()
         else:
@@ -286,10 +313,9 @@ class MoEExperts(Experts):
             self._replay = step.final_weights()
         return self._replay
 
-    def biases(self, gather: Optional[Gather] = None) -> dict[str, torch.Tensor]:
-        """{matrix: (L, out)}; with ``gather``, (E, out) for every expert of the group."""
-        stacks = [torch.stack([getattr(e, f"{m}_bias") for e in self.deepspeed_experts]) for m in self.matrices]
-        return dict(zip(self.matrices, stacks if gather is None else gather.gather(stacks)))
+    def biases(self) -> dict[str, torch.Tensor]:
+        """{matrix: (L, out)} for the local experts."""
+        return {m: torch.stack([getattr(e, f"{m}_bias") for e in self.deepspeed_experts]) for m in self.matrices}
 
     def forward(self, x_LSD: torch.Tensor, central: Optional[dict[str, torch.Tensor]] = None,
                 valid_LS: Optional[torch.Tensor] = None, active_L: Optional[torch.Tensor] = None,
@@ -308,8 +334,9 @@ class MoEExperts(Experts):
         ``gather`` (``moe.dispatch: aux_gather``): compute every expert of the
         group, so ``x`` holds (E, S, D) slots of this rank's own tokens.
         """
-        weights = self._training_weights(central, active_L, gather)
-        biases = self.biases(gather)
+        tensors = self._training_tensors(central, active_L, gather)
+        weights = {m: tensors[m] for m in self.matrices}
+        biases = {m: tensors[_bias_key(m)] for m in self.matrices}
         if hooks is not None:
             weights = {m: hooks.transform_weight(self, m, w) for m, w in weights.items()}
         x_LSD = x_LSD.to(weights["up"].dtype)

@@ -33,6 +33,10 @@ def _add_step_grad(sums: dict[str, torch.Tensor], matrix: str, grad: torch.Tenso
 class StepReconstruction:
     """Expert weights rebuilt once per optimizer step, with exact gradients.
 
+    ``weights`` maps names to any differentiable functions of the parameters
+    the step shares: the reconstructed matrices, and the expert container's
+    bias stacks (aux_gather's gathered copies; local stacks otherwise).
+
     Plain gradient accumulation rebuilds W = f(cores) in every micro-batch and
     back-propagates each micro-batch's dW_i through f, so the cores get
     ``sum_i J^T dW_i``. Here:

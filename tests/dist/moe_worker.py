@@ -121,11 +121,9 @@ def main() -> None:
     ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
 
     result = {"rank": rank, "loss_diff": [], "grad_diff": [], "mask_violations": 0, "mask_kept_nonzero": []}
-    # aux_gather's all-gather per step: the cores once, the biases in every micro-batch ((P-1)/P leaves the rank)
-    sizes = {"aux": 0, "bias": 0}
-    for name, p in model.moe.experts.named_parameters():
-        sizes["bias" if name.endswith("bias") else "aux"] += p.numel() * p.element_size()
-    result["expected_gather_bytes"] = (ep_size - 1) * (sizes["aux"] + accumulation * sizes["bias"])
+    # aux_gather's all-gather per step: every expert's cores and biases once ((P-1)/P of the group's leaves the rank)
+    local_bytes = sum(p.numel() * p.element_size() for p in model.moe.experts.parameters())
+    result["expected_gather_bytes"] = (ep_size - 1) * local_bytes
     for step in range(args.steps):
         chunks = world * accumulation  # micro-batch (rank r, index i) is chunk i * world + r
         x, y = global_batch(step, chunks)

@@ -34,7 +34,9 @@ def main() -> None:
     maxed = parallel.all_reduce_max(group, torch.tensor([float(rank), 5.0 - rank], device=device))
     gathered = parallel.all_gather(transposed, group)
     flat = parallel.all_gather_flat(torch.full((2,), float(rank), device=device), group)
+    parallel.reset_traffic()
     shard = parallel.reduce_scatter_flat(torch.arange(4, dtype=torch.float32, device=device) * (rank + 1), group)
+    shard_traffic = parallel.traffic()
     objects = parallel.all_gather_object({"rank": rank}, group)
     routed = parallel.all_to_all(group, torch.tensor([[10.0 * rank], [10.0 * rank + 1]], device=device))
     parallel.barrier(group)
@@ -45,6 +47,7 @@ def main() -> None:
     out["devices"] = sorted({str(t.device) for t in results.values()})
     out["caller_device"] = str(device)
     out["objects"] = objects
+    out["shard_traffic"] = shard_traffic
     out["comm_device"] = str(parallel.communication_device(group))
     out["input_untouched"] = torch.equal(transposed, base.t())
     with open(f"{args.out}.rank{rank}.json", "w") as f:

@@ -41,11 +41,11 @@ def test_aux_gather_training_equals_single_process(tmp_path, nproc, zero, accumu
         if keep < 1.0:
             assert r["mask_violations"] == 0
         for traffic in r["traffic"]:
-            # no token all-to-all; the cores gathered once per step, biases once per micro-batch
-            assert "all_to_all" not in traffic
+            # no token all-to-all; cores and biases gathered once per step, whatever the accumulation
+            assert "all_to_all" not in traffic and "all_reduce" not in traffic
             assert traffic["all_gather"] == r["expected_gather_bytes"]
-            # gloo has no reduce-scatter: the adjoint is an all-reduce of the gathered gradient (2x its bytes)
-            assert traffic["all_reduce"] == 2 * traffic["all_gather"]
+            # the adjoint, a reduce-scatter (an all-to-all of blocks on gloo), sends what the gather sent
+            assert traffic["reduce_scatter"] == traffic["all_gather"]
 
 
 @pytest.mark.distributed
@@ -83,6 +83,14 @@ def test_config_refuses_aux_gather_for_plain_experts_and_unknown_modes():
     assert MoEConfig().dispatch == "tokens"
 
 
+def test_config_refuses_segments_with_aux_gather_naming_the_fix():
+    with pytest.raises(ConfigError, match="moe.dropless_impl.*aux_gather.*dropless_impl: padded"):
+        MoEConfig(dispatch="aux_gather", dropless_impl="segments")
+    # token dispatch, and auto (which may pick tokens), keep segments
+    assert MoEConfig(dispatch="tokens", dropless_impl="segments").dropless_impl == "segments"
+    assert MoEConfig(dispatch="auto", dropless_impl="segments").dispatch == "auto"
+
+
 def gpt2_workload(**overrides) -> DispatchWorkload:
     """The issue's example: GPT-2 width, 8 experts, 8192 tokens per rank, k=1, fp32."""
     values = dict(tokens_per_rank=8192, hidden_size=768, k=1, accumulation=4, dtype_bytes=4,
@@ -96,8 +104,9 @@ def test_cost_model_counts_the_bytes_each_collective_sends():
     w = gpt2_workload()
     # tokens: 4 all-to-alls per micro-batch, 7/8 of each leaves the rank; 4 micro-batches
     assert w.token_bytes() == pytest.approx(4 * 4 * 8192 * 768 * 4 * 7 / 8)
-    # aux: all-gather + reduce-scatter of 8 experts' cores once, biases every micro-batch
-    assert w.aux_bytes() == pytest.approx((2 * 8 * 373_000 * 4 + 2 * 4 * 8 * 3840 * 4) * 7 / 8)
+    # aux: all-gather + reduce-scatter of 8 experts' cores and biases, once per step whatever the accumulation
+    assert w.aux_bytes() == pytest.approx(2 * 8 * (373_000 + 3840) * 4 * 7 / 8)
+    assert gpt2_workload(accumulation=1).aux_bytes() == w.aux_bytes()
     assert w.token_bytes() / w.aux_bytes() > 10
     assert w.extra_reconstruction_flops() == pytest.approx(3 * 7 * 2 * 2.8e9)
 
