@@ -105,7 +105,7 @@ ARMS = [
     # pretrained FFN (angle 1 and fraction 0.5 specialise but cost 37% / 68% loss), alone and combined
     # with the null-space OMoE or a higher expert (auxiliary core) learning rate.
     *[Arm(f"rotation_{a}", moe=dict(rotation_angle=a), groups=("sweep",)) for a in (0.05, 0.1, 0.2)],
-    *[Arm(f"reinit_{f}", moe=dict(aux_reinit_fraction=f), groups=("sweep",)) for f in (0.01, 0.05, 0.1)],
+    *[Arm(f"reinit_{f}", moe=dict(aux_reinit_fraction=f), groups=("sweep",)) for f in (0.01, 0.02, 0.03, 0.05, 0.1)],
     Arm("aux_lr_3", lr_mults={"expert": 3.0}, groups=("sweep",)),
     Arm("rotation_0.1+aux_lr_3", moe=dict(rotation_angle=0.1), lr_mults={"expert": 3.0}, groups=("sweep",)),
     Arm("rotation_0.1+null_space", moe=dict(rotation_angle=0.1), omoe=NULL_SPACE, groups=("sweep",)),
