@@ -80,11 +80,14 @@ class Arm:
     omoe: Optional[dict[str, Any]] = None
     control: Optional[str] = None  # "shrink" (gradient OMoE) or "random_basis" (null-space OMoE)
     dense: bool = False
+    groups: tuple[str, ...] = ("issue",)  # "issue": the issue's arms; "sweep": the small-angle / fraction search
 
 
 OMOE = dict(enabled=True, acc_steps=20, orth_steps=20, alpha=1e-3, matrices=["up"], cg_iters=10)  # 10: CPU budget
+NULL_SPACE = dict(OMOE, projection="null_space")
+BOTH = ("issue", "sweep")  # the references every recommendation is measured against
 ARMS = [
-    Arm("copy"),
+    Arm("copy", groups=BOTH),
     Arm("rotation", moe=dict(rotation_angle=1.0)),
     Arm("rotation_0.3", moe=dict(rotation_angle=0.3)),
     Arm("reinit_0.5", moe=dict(aux_reinit_fraction=0.5)),
@@ -93,11 +96,20 @@ ARMS = [
     Arm("frozen_central", moe=dict(central_grad_keep_prob=0.0)),
     Arm("omoe_gradient", omoe=dict(OMOE, projection="gradient")),
     Arm("omoe_gradient_shrink", omoe=dict(OMOE, projection="gradient"), control="shrink"),
-    Arm("omoe_null_space", omoe=dict(OMOE, projection="null_space")),
-    Arm("omoe_null_space_random", omoe=dict(OMOE, projection="null_space"), control="random_basis"),
-    Arm("rotation+null_space", moe=dict(rotation_angle=1.0), omoe=dict(OMOE, projection="null_space")),
-    Arm("ffn", moe=dict(expert_type="ffn")),
+    Arm("omoe_null_space", omoe=NULL_SPACE),
+    Arm("omoe_null_space_random", omoe=NULL_SPACE, control="random_basis"),
+    Arm("rotation+null_space", moe=dict(rotation_angle=1.0), omoe=NULL_SPACE),
+    Arm("ffn", moe=dict(expert_type="ffn"), groups=BOTH),
     Arm("dense", dense=True),
+    # The search for an arm below copy's similarity at <= FFN experts' loss + 5%: small moves off the
+    # pretrained FFN (angle 1 and fraction 0.5 specialise but cost 37% / 68% loss), alone and combined
+    # with the null-space OMoE or a higher expert (auxiliary core) learning rate.
+    *[Arm(f"rotation_{a}", moe=dict(rotation_angle=a), groups=("sweep",)) for a in (0.05, 0.1, 0.2)],
+    *[Arm(f"reinit_{f}", moe=dict(aux_reinit_fraction=f), groups=("sweep",)) for f in (0.01, 0.02, 0.03, 0.05, 0.1)],
+    Arm("aux_lr_3", lr_mults={"expert": 3.0}, groups=("sweep",)),
+    Arm("rotation_0.1+aux_lr_3", moe=dict(rotation_angle=0.1), lr_mults={"expert": 3.0}, groups=("sweep",)),
+    Arm("rotation_0.1+null_space", moe=dict(rotation_angle=0.1), omoe=NULL_SPACE, groups=("sweep",)),
+    Arm("reinit_0.05+null_space", moe=dict(aux_reinit_fraction=0.05), omoe=NULL_SPACE, groups=("sweep",)),
 ]
 
 
@@ -214,13 +226,23 @@ def summary(rows: list[dict[str, float]], key: str) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def clear_margin(results: dict[str, list[dict[str, float]]], arm: str, ffn_loss: float) -> bool:
+    """Both criteria by more than the seed spread: copy's cosine minus the arm's exceeds the larger of their
+    stds, and the loss limit (1.05 x FFN experts) minus the arm's loss exceeds the arm's loss std."""
+    (cos, cos_std), (copy_cos, copy_std) = summary(results[arm], "cosine"), summary(results["copy"], "cosine")
+    loss, loss_std = summary(results[arm], "loss")
+    return copy_cos - cos > max(cos_std, copy_std) and 1.05 * ffn_loss - loss > loss_std
+
+
 def recommend(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
-    """Lowest mean cosine among MPO arms whose mean loss is within 5% of plain FFN experts and below copy's cosine."""
+    """Lowest mean cosine among MPO arms whose mean loss is within 5% of plain FFN experts and below copy's
+    cosine ("eligible"); ``clear``: the eligible ones that pass both by more than the seed spread."""
     ffn_loss, copy_cos = summary(results["ffn"], "loss")[0], summary(results["copy"], "cosine")[0]
     eligible = [a for a in results if a not in ("ffn", "dense", "copy") and
                 summary(results[a], "loss")[0] <= 1.05 * ffn_loss and summary(results[a], "cosine")[0] < copy_cos]
     best = min(eligible, key=lambda a: summary(results[a], "cosine")[0]) if eligible else None
-    return {"arm": best, "ffn_loss": ffn_loss, "copy_cosine": copy_cos, "eligible": eligible}
+    clear = [a for a in eligible if clear_margin(results, a, ffn_loss)]
+    return {"arm": best, "ffn_loss": ffn_loss, "copy_cosine": copy_cos, "eligible": eligible, "clear": clear}
 
 
 def markdown(results: dict[str, list[dict[str, float]]], meta: dict[str, Any]) -> str:
@@ -237,7 +259,8 @@ def markdown(results: dict[str, list[dict[str, float]]], meta: dict[str, Any]) -
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     rec = meta["recommendation"]
     lines += ["", f"Recommended (lowest cosine with loss <= 1.05 x FFN experts' {rec['ffn_loss']:.4f} and cosine "
-              f"below copy's {rec['copy_cosine']:.3f}): **{rec['arm']}**."]
+              f"below copy's {rec['copy_cosine']:.3f}): **{rec['arm']}**; by more than the seed spread on both: "
+              f"{', '.join(rec['clear']) or 'none'}."]
     return "\n".join(lines) + "\n"
 
 
@@ -269,13 +292,14 @@ def run_seed(seed: int, arms: list[Arm], steps: int) -> dict[str, dict[str, floa
 
 
 def run_all(args: argparse.Namespace) -> tuple[dict[str, list[dict[str, float]]], dict[str, Any]]:
-    arms = [a for a in ARMS if args.only is None or a.name in args.only]
+    arms = [a for a in ARMS if (a.name in args.only if args.only else args.group in a.groups)]
     start = time.time()
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         per_seed = pool.map(functools.partial(run_seed, arms=arms, steps=args.steps), seeds)
     results = {a.name: [rows[a.name] for rows in per_seed] for a in arms}
-    meta = {"seeds": args.seeds, "seed_list": list(seeds), "steps": args.steps, "seconds": time.time() - start,
+    meta = {"group": args.group if not args.only else "only", "arms": [a.name for a in arms],
+            "seeds": args.seeds, "seed_list": list(seeds), "steps": args.steps, "seconds": time.time() - start,
             "sizes": {"hidden": D, "ffn": F, "experts": E, "cores": 5}, "lr": LR, "batch": BATCH,
             "pretrain_steps": PRETRAIN_STEPS, "omoe": OMOE}
     return results, meta
@@ -302,7 +326,10 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first_seed .. first_seed + seeds - 1")
     parser.add_argument("--merge", nargs="*", default=None,
                         help="instead of running: combine these JSON files (runs over different seeds) into --out")
-    parser.add_argument("--only", nargs="*", default=None, help="arm names to run (default: all)")
+    parser.add_argument("--group", choices=("issue", "sweep"), default="issue",
+                        help="issue: the issue's arms (the table in the README); sweep: small rotation angles / "
+                             "re-init fractions alone and with null-space OMoE or aux_lr_mult 3 (+ copy, ffn)")
+    parser.add_argument("--only", nargs="*", default=None, help="arm names to run (overrides --group)")
     parser.add_argument("--out", default=str(RESULTS / "specialisation"), help="path prefix of .json/.md/.png")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -213,15 +213,15 @@ class LayerHooks:
             self.basis[m] = None if pbar is None else protected_basis(pbar, self.num_experts, self.protected_rank[m])
 
     def _stacked_aux(self, matrix: str) -> list[torch.Tensor]:
+        """The local experts' auxiliary cores of ``matrix``, stacked (L, ...), fp32 master values where held."""
         cores = zip(*(e.aux_cores(matrix) for e in self.experts.deepspeed_experts))
-        return [torch.stack([c.detach() for c in core]) for core in cores]
+        return [torch.stack([_read_fp32(c) for c in core]) for core in cores]
 
     @torch.no_grad()
     def take_null_space_snapshot(self) -> None:
         self.snapshot = {}
         for m in self.in_dim:
-            self.snapshot[m] = {"aux": [a.clone() for a in self._stacked_aux(m)],
-                                "central": self.central[m].detach().clone()}
+            self.snapshot[m] = {"aux": self._stacked_aux(m), "central": _read_fp32(self.central[m])}
 
     def project_null_space(self) -> None:
         """After the optimizer step: central back to its value, aux steps corrected (see null_space)."""
@@ -275,6 +275,28 @@ class LayerHooks:
         self.mean_projector = {m: dev(t) for m, t in state["mean_projector"].items()}
         if self.config.projection == "null_space":
             self.set_bases()
+
+
+@torch.no_grad()
+def _read_fp32(param: nn.Parameter) -> torch.Tensor:
+    """An fp32 copy of ``param`` with this rank's fragment of the optimizer's fp32 master copy laid over it.
+
+    Why: under bf16 the parameter is the master rounded to 8 bits of mantissa,
+    and a correction computed from (and a leak measured on) rounded values is
+    not orthogonal in the master weights the optimizer steps: measured on the
+    2-rank ep 2 run, leak 0.34-0.37 from bf16 values. Only the local fragment
+    is read (``_hp_mapping``, DeepSpeed's own fragment map behind
+    ``safe_get_full_fp32_param``), so there is no collective; with ep_size =
+    world size an expert's master is all local. Parts held by other
+    data-parallel ranks keep the rounded value (each rank then writes only its
+    own fragment back).
+    """
+    value = param.detach().float().clone()
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is not None:
+        address = mapping.lp_fragment_address
+        value.view(-1).narrow(0, address.start, address.numel).copy_(mapping.get_hp_fragment().view(-1))
+    return value
 
 
 @torch.no_grad()

@@ -107,7 +107,7 @@ def project_aux_step(weight_fn: Callable[..., torch.Tensor], aux_before: Sequenc
 
     ``weight_fn(*aux)`` maps the stacked (L, ...) auxiliary cores to (L, I, O)
     (the central fixed); it must be a pure function (JVP / VJP run through it).
-    Computed in float32 whatever the cores' dtype.
+    Computed and returned in float32 whatever the cores' dtype.
     """
     before = [a.detach().float() for a in aux_before]
     step = [(b.detach().float() - a) for a, b in zip(before, aux_after)]
@@ -127,4 +127,6 @@ def project_aux_step(weight_fn: Callable[..., torch.Tensor], aux_before: Sequenc
 
         y = _conjugate_gradient(aat, constraint, cg_iters)
         step = [d - c for d, c in zip(step, a_at(y))]
-    return [(a + d).to(orig.dtype) for a, d, orig in zip(before, step, aux_after)]
+    # float32, not the cores' dtype: rounding the result to bf16 here would undo the orthogonality
+    # (the caller writes it to the fp32 master weights and rounds only the parameter itself).
+    return [a + d for a, d in zip(before, step)]

@@ -160,22 +160,31 @@ def test_budget_and_refusals_name_the_fix() -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [0, 2])
-def test_two_rank_ep2_trainer_runs_null_space_and_logs_a_small_leak(tmp_path: Path, stage: int) -> None:
+@pytest.mark.parametrize("stage, bf16", [(0, False), (2, False), (1, True)], ids=["zero0", "zero2", "bf16-zero1"])
+def test_two_rank_ep2_trainer_runs_null_space_and_logs_a_small_leak(tmp_path: Path, stage: int, bf16: bool) -> None:
+    """Under bf16 the leak is held in the fp32 master weights (< 0.05; measured 0.0002-0.0007): the bf16
+    parameters are their rounding, whose change on a 1e-3 step is mostly rounding (leak 0.29-0.39, not
+    asserted); before the master was read and written in fp32 the logged leak was 0.34."""
     out = tmp_path / "run"
     run = tiny_run_config(out, max_steps=6, diversity_tokens=0)
     run["moe"]["ep_size"] = 2
     run["omoe"] = {"enabled": True, "acc_steps": 2, "orth_steps": 2, "projection": "null_space"}
     run_path, ds_path = tmp_path / "run.yaml", tmp_path / "ds.json"
     run_path.write_text(yaml.safe_dump(run))
-    ds_path.write_text(json.dumps({**TINY_DS, "zero_optimization": {"stage": stage}}))
+    ds = {**TINY_DS, "zero_optimization": {"stage": stage}, **({"bf16": {"enabled": True}} if bf16 else {})}
+    ds_path.write_text(json.dumps(ds))
     ranks = run_two_ranks(ROOT / "tests" / "dist" / "null_space_worker.py",
                           ["--config", str(run_path), "--ds", str(ds_path)], tmp_path / "result")
     for result in ranks:
         assert result["phases"] == ["accumulate"] * 2 + ["orthogonal"] * 2 + ["accumulate"] * 2
         logged = [v for k, v in result["stats"].items() if k.endswith("/leak_max")]
         assert len(logged) >= 1 and max(logged) < 0.05  # per layer, as TensorBoard / metrics.json get them
-        assert len(result["leaks"]) == 2 * len(logged) and max(result["leaks"]) < 0.05, result["leaks"]
+        assert max(result["master_leaks"]) < 0.05, result["master_leaks"]
+        assert result["dtype"] == ("torch.bfloat16" if bf16 else "torch.float32")
+        if not bf16:
+            assert len(result["leaks"]) == 2 * len(logged) and max(result["leaks"]) < 0.05, result["leaks"]
         assert max(result["central_moves"]) == 0.0
-        assert result["has_master"] == (stage > 0)
-        assert result["master_gap"] < 1e-6  # ZeRO's fp32 partitions hold the corrected values
+        assert result["has_master"] == (stage > 0 or bf16)
+        # The fp32 master holds the corrected values (under bf16 the parameter is its rounding: half an ulp,
+        # < 2**-9 for weights below 1).
+        assert result["master_gap"] < (2.0 ** -9 if bf16 else 1e-6)
