@@ -16,6 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# DeepSpeed JIT-compiles its CPU shared-memory comm op in every new process and lets ninja decide whether
+# the cached build is current. The venv's pip ninja (1.13) and a system ninja (1.11) hash the same build
+# command differently, so processes that find different ninjas on PATH rebuild it in turn (25-100 s each):
+# the launcher tests put the venv first, a test run from an unactivated venv did not. One PATH for all.
+VENV_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != VENV_BIN:
+    os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -321,7 +321,8 @@ def _init_distances(layer: MPOEMoE, dense: DenseFFN) -> dict[str, list[float]]:
     weights = layer.expert_weights()
     local = torch.tensor([[relative_distance(weights[m][e].detach().cpu(), w) for e in range(weights[m].shape[0])]
                           for m, w in dense.weights().items()], dtype=torch.float64)
-    every_M_E = torch.cat(parallel.all_gather(local, layer.ep_group), dim=1)  # ranks in group order: global ids ep_rank * L + l
+    # Ranks come in group order, so column ep_rank * L + l is global expert id ep_rank * L + l.
+    every_M_E = torch.cat(parallel.all_gather(local, layer.ep_group), dim=1)
     return {m: every_M_E[i].tolist() for i, m in enumerate(dense.weights())}
 
 

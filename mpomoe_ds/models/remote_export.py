@@ -78,7 +78,8 @@ REMOTE_FAMILIES: dict[str, RemoteFamily] = {
 
 # the transformers Auto class of each head, so the head's own Auto class loads the export too
 AUTO_CLASSES = {"ForConditionalGeneration": "AutoModelForSeq2SeqLM", "LMHeadModel": "AutoModelForCausalLM",
-                "ForCausalLM": "AutoModelForCausalLM", "ForSequenceClassification": "AutoModelForSequenceClassification",
+                "ForCausalLM": "AutoModelForCausalLM",
+                "ForSequenceClassification": "AutoModelForSequenceClassification",
                 "ForMaskedLM": "AutoModelForMaskedLM"}
 
 FAMILY_PART = '''

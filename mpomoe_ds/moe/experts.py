@@ -63,7 +63,10 @@ def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class Gather(Protocol):
-    """Gathers per-expert (L, ...) stacks into the group's (E, ...) stacks (:class:`mpomoe_ds.moe.aux_gather.AuxGather`)."""
+    """Gathers per-expert (L, ...) stacks into the group's (E, ...) stacks.
+
+    Implemented by :class:`mpomoe_ds.moe.aux_gather.AuxGather`.
+    """
 
     def gather(self, stacks: list[torch.Tensor]) -> list[torch.Tensor]:
         """Differentiable; gradients return to the owners."""

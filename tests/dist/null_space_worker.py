@@ -13,17 +13,15 @@ optimizer steps; the bf16 parameters are its rounding).
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
+from trainer_cli import trainer_from_args
 
 from mpomoe_ds.moe.layer import moe_layers
 from mpomoe_ds.mpo.reconstruction import reconstruct_shared
 from mpomoe_ds.omoe.null_space import leak
-from mpomoe_ds.training.run_config import load_run_config
-from mpomoe_ds.training.trainer import Trainer
 
 
 def fp32(param: torch.nn.Parameter) -> torch.Tensor:
@@ -39,16 +37,8 @@ def master_up(layer) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--ds", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    config = load_run_config(args.config)
-    with open(args.ds) as fh:
-        ds = json.load(fh)
-    trainer = Trainer(config, ds, resume=False)
-    trainer.setup()
+    trainer, out = trainer_from_args(resume=False)
+    config = trainer.config
     trainer.engine.module.train()
     batches = iter(trainer.batches)
     layers = dict(moe_layers(trainer.model))
@@ -81,7 +71,7 @@ def main() -> None:
                "dtype": str(next(iter(layers.values())).central["up"].dtype), "central_moves": central_moves, "master_gap": master_gap,
                "has_master": safe_get_full_fp32_param(next(iter(layers.values())).central["up"]) is not None,
                "stats": trainer.omoe.stats()}
-    with open(f"{args.out}.rank{trainer.rank}.json", "w") as fh:
+    with open(f"{out}.rank{trainer.rank}.json", "w") as fh:
         json.dump(metrics, fh)
 
 

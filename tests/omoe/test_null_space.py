@@ -174,7 +174,7 @@ def test_two_rank_ep2_trainer_runs_null_space_and_logs_a_small_leak(tmp_path: Pa
     ds = {**TINY_DS, "zero_optimization": {"stage": stage}, **({"bf16": {"enabled": True}} if bf16 else {})}
     ds_path.write_text(json.dumps(ds))
     ranks = run_two_ranks(ROOT / "tests" / "dist" / "null_space_worker.py",
-                          ["--config", str(run_path), "--ds", str(ds_path)], tmp_path / "result")
+                          ["--run_config", str(run_path), "--ds_config", str(ds_path)], tmp_path / "result")
     for result in ranks:
         assert result["phases"] == ["accumulate"] * 2 + ["orthogonal"] * 2 + ["accumulate"] * 2
         logged = [v for k, v in result["stats"].items() if k.endswith("/leak_max")]

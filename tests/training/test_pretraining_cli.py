@@ -63,6 +63,26 @@ def train(config: Path, *extra: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def assert_split_run_equals(straight: Path, config: Path, split: Path, steps: int) -> None:
+    """``config`` (writing to ``split``) trained for half of ``steps``, then --resume: final weights == ``straight``'s."""
+    train(config, f"train.max_steps={steps // 2}")
+    train(config, "--resume")
+    final = f"step{steps}/mp_rank_00_model_states.pt"
+    a = torch.load(straight / "checkpoints" / final, weights_only=False)["module"]
+    b = torch.load(split / "checkpoints" / final, weights_only=False)["module"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+
+
+def last_scalars(run: Path, part: str) -> dict[str, float]:
+    """The last value of every TensorBoard scalar of ``run`` whose tag contains ``part``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if part in tag}
+
+
 @pytest.fixture(scope="module")
 def straight(setup, tmp_path_factory):
     """6 steps of ordinary packing (attention across documents) on 2 ranks."""
@@ -78,24 +98,14 @@ def test_two_rank_pretraining_evaluates_each_corpus_and_resumes_exactly(setup, s
     for corpus in ("a", "b"):
         before, after = metrics["untrained_eval"][corpus], metrics["eval"][corpus]
         assert after["perplexity"] < before["perplexity"]  # per-corpus held-out perplexity falls
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(straight / "tensorboard")).Reload()
-    seen = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if "tokens_seen" in tag}
+    seen = last_scalars(straight, "tokens_seen")
     # 6 steps x 2 micro-batches x 2 ranks x 4 rows x 32 tokens, no padding in these corpora's middle
     assert set(seen) == {"train/tokens_seen/a", "train/tokens_seen/b"}
     assert sum(seen.values()) == pytest.approx(6 * 2 * 2 * 4 * 32, rel=0.02)
     assert seen["train/tokens_seen/a"] > seen["train/tokens_seen/b"]  # weights 0.7 / 0.3
 
     split = tmp_path / "split"
-    config = run_config(setup, split, 6)
-    train(config, "train.max_steps=3")
-    train(config, "--resume")
-    a = torch.load(straight / "checkpoints" / "step6" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    b = torch.load(split / "checkpoints" / "step6" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    assert_split_run_equals(straight, run_config(setup, split, 6), split, steps=6)
 
 
 @pytest.mark.distributed
@@ -163,13 +173,6 @@ def mixed_config(root: Path, out: Path, steps: int) -> Path:
     return path
 
 
-def last_scalars(run: Path, part: str) -> dict[str, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run / "tensorboard")).Reload()
-    return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if part in tag}
-
-
 @pytest.mark.distributed
 def test_two_rank_run_mixing_a_corpus_with_a_task_trains_both_and_resumes_exactly(setup, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -182,12 +185,5 @@ def test_two_rank_run_mixing_a_corpus_with_a_task_trains_both_and_resumes_exactl
     assert set(seen) == {"train/tokens_seen/a", "train/tokens_seen/toy_sentiment"} and min(seen.values()) > 0
     assert set(last_scalars(straight, "task_loss")) == {"train/task_loss/a", "train/task_loss/toy_sentiment"}
 
-    config = mixed_config(setup, split, 8)
-    train(config, "train.max_steps=4")
-    train(config, "--resume")
-    a = torch.load(straight / "checkpoints" / "step8" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    b = torch.load(split / "checkpoints" / "step8" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    assert_split_run_equals(straight, mixed_config(setup, split, 8), split, steps=8)
     assert last_scalars(split, "tokens_seen") == seen  # token counts carried on across the resume

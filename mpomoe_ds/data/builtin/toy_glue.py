@@ -226,7 +226,8 @@ def generate(task: str, split: str) -> list[Row]:
     no validation example is seen in training.
     """
     if task not in SPLIT_SIZES or split not in SPLIT_SIZES[task]:
-        raise KeyError(f"no builtin split {task}/{split}; have {[f'{t}/{s}' for t in SPLIT_SIZES for s in SPLIT_SIZES[t]]}")
+        known = [f"{t}/{s}" for t in SPLIT_SIZES for s in SPLIT_SIZES[t]]
+        raise KeyError(f"no builtin split {task}/{split}; have {known}")
     seen = {_row_key(r) for r in generate(task, "validation")} if split == "train" else set()
     rng = random.Random(f"toy_glue/v{TOY_GLUE_VERSION}/{task}/{split}")
     size = SPLIT_SIZES[task][split]
