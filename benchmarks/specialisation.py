@@ -34,8 +34,8 @@ accuracy ~0.94), its FFN upcycled like above and the whole model trained on
 for 300 steps (32 sentences per task per step). Arms: copy, reinit_0.05 (the
 candidate of the sweep below), ffn, dense. Reported as below plus validation
 cross-entropy (the "loss"), accuracy, router entropy and the task-expert mutual
-information of the top-1 routes on the validation tokens. ~20 s per seed on
-one thread.
+information of the top-1 routes on the validation tokens. 16 seeds: 4.8 min
+with 2 processes on the shared 2-core machine (load 5.7).
 
 Reported per arm over seeds (mean and std): mean pairwise cosine and linear CKA
 of the experts' outputs on held-out tokens (all experts run densely,
@@ -45,7 +45,7 @@ benchmarks/results/specialisation.*. Single thread.
 
     python benchmarks/specialisation.py                  # 8 seeds, 100 steps, 2 processes: ~5 min on 2 idle cores
     python benchmarks/specialisation.py --seeds 2 --steps 60 --out /tmp/spec   # smoke run
-    python benchmarks/specialisation.py --task multitask --seeds 16      # ~3 min; results/specialisation_multitask.*
+    python benchmarks/specialisation.py --task multitask --seeds 16      # results/specialisation_multitask.*
     python benchmarks/specialisation.py --paired benchmarks/results/specialisation_sweep.json \
         benchmarks/results/specialisation_sweep300.json    # the README's sweep table (specialisation_sweep_paired.md)
 
