@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
 
 # glibc serves large blocks with fresh mmap()s by default, so every large
 # tensor costs page faults on first touch (a 75 MB copy took 58 ms instead of
@@ -445,3 +446,21 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def paste_into_readme(md_path: Path, readme: Path = README) -> bool:
+    """Put ``md_path``'s text between ``<!-- NAME -->`` and ``<!-- end NAME -->`` in the README (NAME its file name).
+
+    So that a README table is always the script's own output, never a hand
+    copy. Returns False (and changes nothing) when the README has no such markers.
+    """
+    md_path, readme = Path(md_path), Path(readme)
+    start, end = f"<!-- {md_path.name} -->", f"<!-- end {md_path.name} -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{md_path.read_text().strip()}\n{end}{tail}")
+    print(f"[bench] pasted {md_path.name} into {readme}")
+    return True

@@ -26,6 +26,17 @@ Arms (each uses the project's own code path for its option):
     ffn             plain FFN experts (moe.expert_type="ffn"), copies + 1% noise
     dense           the pretrained dense FFN trained on (no experts)
 
+The built-in multi-task data (``--task multitask``, :mod:`toy_glue_task`): the
+project's toy_sentiment and toy_topic tasks, words embedded (token + previous
+word, hidden 32), one pre-LN FFN block (FFN 128), mean over words, one head per
+task; the dense text model is pretrained on both tasks for 1000 steps (validation
+accuracy ~0.94), its FFN upcycled like above and the whole model trained on
+for 300 steps (32 sentences per task per step). Arms: copy, reinit_0.05 (the
+candidate of the sweep below), ffn, dense. Reported as below plus validation
+cross-entropy (the "loss"), accuracy, router entropy and the task-expert mutual
+information of the top-1 routes on the validation tokens. 16 seeds: 4.8 min
+with 2 processes on the shared 2-core machine (load 5.7).
+
 Reported per arm over seeds (mean and std): mean pairwise cosine and linear CKA
 of the experts' outputs on held-out tokens (all experts run densely,
 mpomoe_ds.omoe.diversity), expert-specific output energy, held-out MSE, and
@@ -34,11 +45,18 @@ benchmarks/results/specialisation.*. Single thread.
 
     python benchmarks/specialisation.py                  # 8 seeds, 100 steps, 2 processes: ~5 min on 2 idle cores
     python benchmarks/specialisation.py --seeds 2 --steps 60 --out /tmp/spec   # smoke run
+    python benchmarks/specialisation.py --task multitask --seeds 16      # results/specialisation_multitask.*
+    python benchmarks/specialisation.py --paired benchmarks/results/specialisation_sweep.json \
+        benchmarks/results/specialisation_sweep300.json    # the README's sweep table (specialisation_sweep_paired.md)
+
+Every .md written is also pasted into README.md between ``<!-- NAME.md -->`` and
+``<!-- end NAME.md -->`` where those markers exist (``common.paste_into_readme``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import multiprocessing
@@ -47,13 +65,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from omoe_diversity import shrink_control  # noqa: E402
+from toy_glue_task import TextClassifier, ToyGlue  # noqa: E402
+from toy_glue_task import evaluate as evaluate_text  # noqa: E402
 
 from mpomoe_ds.moe.config import MoEConfig  # noqa: E402
 from mpomoe_ds.moe.experts import activation_function  # noqa: E402
@@ -65,6 +86,8 @@ from mpomoe_ds.omoe.config import OMoEConfig  # noqa: E402
 from mpomoe_ds.omoe.diversity import dense_expert_outputs, expert_similarity, expert_specific_energy  # noqa: E402
 from mpomoe_ds.omoe.hooks import LayerHooks  # noqa: E402
 from mpomoe_ds.omoe.optimizer import OrthogonalExpertOptimizer  # noqa: E402
+
+import common  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 D, F, E = 32, 128, 4
@@ -80,14 +103,15 @@ class Arm:
     omoe: Optional[dict[str, Any]] = None
     control: Optional[str] = None  # "shrink" (gradient OMoE) or "random_basis" (null-space OMoE)
     dense: bool = False
-    groups: tuple[str, ...] = ("issue",)  # "issue": the issue's arms; "sweep": the small-angle / fraction search
+    # "issue": the issue's arms; "sweep": the small-angle / fraction search; "multitask": on the built-in data
+    groups: tuple[str, ...] = ("issue",)
 
 
 OMOE = dict(enabled=True, acc_steps=20, orth_steps=20, alpha=1e-3, matrices=["up"], cg_iters=10)  # 10: CPU budget
 NULL_SPACE = dict(OMOE, projection="null_space")
 BOTH = ("issue", "sweep")  # the references every recommendation is measured against
 ARMS = [
-    Arm("copy", groups=BOTH),
+    Arm("copy", groups=BOTH + ("multitask",)),
     Arm("rotation", moe=dict(rotation_angle=1.0)),
     Arm("rotation_0.3", moe=dict(rotation_angle=0.3)),
     Arm("reinit_0.5", moe=dict(aux_reinit_fraction=0.5)),
@@ -99,13 +123,15 @@ ARMS = [
     Arm("omoe_null_space", omoe=NULL_SPACE),
     Arm("omoe_null_space_random", omoe=NULL_SPACE, control="random_basis"),
     Arm("rotation+null_space", moe=dict(rotation_angle=1.0), omoe=NULL_SPACE),
-    Arm("ffn", moe=dict(expert_type="ffn"), groups=BOTH),
-    Arm("dense", dense=True),
+    Arm("ffn", moe=dict(expert_type="ffn"), groups=BOTH + ("multitask",)),
+    Arm("dense", dense=True, groups=("issue", "multitask")),
     # The search for an arm below copy's similarity at <= FFN experts' loss + 5%: small moves off the
     # pretrained FFN (angle 1 and fraction 0.5 specialise but cost 37% / 68% loss), alone and combined
     # with the null-space OMoE or a higher expert (auxiliary core) learning rate.
     *[Arm(f"rotation_{a}", moe=dict(rotation_angle=a), groups=("sweep",)) for a in (0.05, 0.1, 0.2)],
-    *[Arm(f"reinit_{f}", moe=dict(aux_reinit_fraction=f), groups=("sweep",)) for f in (0.01, 0.02, 0.03, 0.05, 0.1)],
+    *[Arm(f"reinit_{f}", moe=dict(aux_reinit_fraction=f), groups=("sweep",)) for f in (0.01, 0.02, 0.03)],
+    Arm("reinit_0.05", moe=dict(aux_reinit_fraction=0.05), groups=("sweep", "multitask")),  # the candidate
+    Arm("reinit_0.1", moe=dict(aux_reinit_fraction=0.1), groups=("sweep",)),
     Arm("aux_lr_3", lr_mults={"expert": 3.0}, groups=("sweep",)),
     Arm("rotation_0.1+aux_lr_3", moe=dict(rotation_angle=0.1), lr_mults={"expert": 3.0}, groups=("sweep",)),
     Arm("rotation_0.1+null_space", moe=dict(rotation_angle=0.1), omoe=NULL_SPACE, groups=("sweep",)),
@@ -178,30 +204,48 @@ def build_omoe(layer: MPOEMoE, arm: Arm, seed: int) -> Optional[OrthogonalExpert
     return omoe
 
 
-def run_moe(task: Task, pretrained: dict[str, torch.Tensor], arm: Arm, steps: int) -> dict[str, float]:
-    torch.manual_seed(task.seed)
-    dense = DenseFFN(**{k: v.clone() for k, v in pretrained.items()})
+def upcycle(ffn: dict[str, torch.Tensor], arm: Arm, seed: int) -> MPOEMoE:
+    """One MoE layer with E experts upcycled from the pretrained FFN, the arm's options applied."""
+    torch.manual_seed(seed)
+    dense = DenseFFN(**{k: v.clone() for k, v in ffn.items()})
     moe = MoEConfig(**{"num_experts": E, "ep_size": 1, "k": 1, "expert_init": "perturb", "init_noise": 0.01,
-                       "seed": task.seed, "aux_loss_coef": 0.0, "layers": "all", **arm.moe})
-    layer = MPOEMoE.from_dense(dense, moe, MPOConfig(num_cores=5, **arm.mpo))
-    omoe = build_omoe(layer, arm, task.seed)
-    moe_step = MoEStep(layer, participants=[omoe] if omoe else [])
-    opt = torch.optim.Adam(optimizer_param_groups(layer, lr=LR, lr_mults=arm.lr_mults), lr=LR)
-    gen = torch.Generator().manual_seed(1)
+                       "seed": seed, "aux_loss_coef": 0.0, "layers": "all", **arm.moe})
+    return MPOEMoE.from_dense(dense, moe, MPOConfig(num_cores=5, **arm.mpo))
+
+
+def train_steps(model: nn.Module, steps: int, loss_fn: Callable[[], torch.Tensor], layer: Optional[MPOEMoE] = None,
+                arm: Optional[Arm] = None, seed: int = 0) -> list[float]:
+    """``steps`` Adam steps on ``loss_fn()``; with an MoE ``layer`` through the MoE step protocol (and the
+    arm's OMoE and lr multipliers). Returns the logged null-space leaks of the orthogonal steps."""
+    omoe = build_omoe(layer, arm, seed) if layer is not None else None
+    moe_step = MoEStep(layer, participants=[omoe] if omoe else []) if layer is not None else None
+    opt = torch.optim.Adam(optimizer_param_groups(model, lr=LR, lr_mults=arm.lr_mults if arm else None), lr=LR)
     leaks = []
     for step in range(steps):
-        moe_step.begin_step(step)
-        moe_step.begin_micro_batch(0, is_last=True)
-        layer.train()
-        x, y = task.batch(BATCH, gen)
-        out, _, _ = layer(x)
-        loss = (out - y).square().mean()
+        if moe_step is not None:
+            moe_step.begin_step(step)
+            moe_step.begin_micro_batch(0, is_last=True)
+        model.train()
+        loss = loss_fn()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        moe_step.end_step(step)
+        if moe_step is not None:
+            moe_step.end_step(step)
         if omoe is not None and omoe.phase == "orthogonal":
             leaks += [v for k, v in omoe.stats().items() if k.endswith("/leak")]
+    return leaks
+
+
+def run_moe(task: Task, pretrained: dict[str, torch.Tensor], arm: Arm, steps: int) -> dict[str, float]:
+    layer = upcycle(pretrained, arm, task.seed)
+    gen = torch.Generator().manual_seed(1)
+
+    def loss_fn() -> torch.Tensor:
+        x, y = task.batch(BATCH, gen)
+        return (layer(x)[0] - y).square().mean()
+
+    leaks = train_steps(layer, steps, loss_fn, layer, arm, task.seed)
     layer.eval()
     x, y = task.held_out
     with torch.no_grad():
@@ -219,6 +263,63 @@ def run_arm(task: Task, pretrained: dict[str, torch.Tensor], arm: Arm, steps: in
         loss = float((dense_forward(params, x) - y).square().mean())
         return {"cosine": 1.0, "cka": 1.0, "specific_energy": 0.0, "loss": loss, "leak": float("nan")}
     return run_moe(task, pretrained, arm, steps)
+
+
+# --------------------------------------------------------------------------- the built-in multi-task data
+
+TEXT_PRETRAIN_STEPS, TEXT_BATCH = 1000, 32  # dense pretraining steps (val accuracy ~0.94 by then); sentences per task per step
+
+
+class DenseFFNModule(nn.Module):
+    """A dense FFN's tensors as parameters (the text model's FFN before upcycling, and its dense arm)."""
+
+    def __init__(self, ffn: DenseFFN) -> None:
+        super().__init__()
+        self.tensors = nn.ParameterDict({k: nn.Parameter(getattr(ffn, k).clone())
+                                         for k in ("up_weight", "up_bias", "down_weight", "down_bias")})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_forward(self.tensors, x)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.tensors.items()}
+
+
+def pretrain_text(data: ToyGlue, seed: int) -> TextClassifier:
+    """The "pretrained" dense text model: Adam on both tasks from DenseFFN.random and random embeddings."""
+    model = TextClassifier(len(data.vocab), D, data.num_labels, DenseFFNModule(DenseFFN.random(D, F, seed, 0.1)),
+                           seed)
+    gen = torch.Generator().manual_seed(seed)
+    train_steps(model, TEXT_PRETRAIN_STEPS, lambda: model.loss(data.batch(TEXT_BATCH, gen)))
+    return model
+
+
+def run_text_arm(data: ToyGlue, pretrained: TextClassifier, arm: Arm, steps: int, seed: int) -> dict[str, float]:
+    """Continue from the pretrained text model: dense as it is, or its FFN upcycled with the arm's options."""
+    gen = torch.Generator().manual_seed(1)
+    if arm.dense:
+        model = copy.deepcopy(pretrained)
+        train_steps(model, steps, lambda: model.loss(data.batch(TEXT_BATCH, gen)))
+        return {**evaluate_text(model, data, None), "leak": float("nan")}
+    layer = upcycle(pretrained.ffn.weights(), arm, seed)
+    model = TextClassifier(len(data.vocab), D, data.num_labels, layer, seed)
+    model.copy_surroundings(pretrained)
+    leaks = train_steps(model, steps, lambda: model.loss(data.batch(TEXT_BATCH, gen)), layer, arm, seed)
+    return {**evaluate_text(model, data, layer), "leak": statistics.mean(leaks) if leaks else float("nan")}
+
+
+# --------------------------------------------------------------------------- reporting
+
+COLUMNS = {  # (result key, column header, format) per task
+    "clusters": [("cosine", "cosine", ".3f"), ("cka", "CKA", ".3f"), ("specific_energy", "specific energy", ".3f"),
+                 ("loss", "held-out MSE", ".4f")],
+    "multitask": [("cosine", "cosine", ".3f"), ("cka", "CKA", ".3f"), ("specific_energy", "specific energy", ".3f"),
+                  ("loss", "validation CE", ".4f"), ("accuracy", "accuracy", ".3f"),
+                  ("mutual_information", "task-expert MI (nats)", ".3f"), ("router_entropy", "router entropy", ".3f")],
+}
+TITLES = {"clusters": ("Specialisation task", "`python benchmarks/specialisation.py`"),
+          "multitask": ("Built-in multi-task data (toy_sentiment + toy_topic)",
+                        "`python benchmarks/specialisation.py --task multitask`")}
 
 
 def summary(rows: list[dict[str, float]], key: str) -> tuple[float, float]:
@@ -246,16 +347,25 @@ def recommend(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, list[dict[str, float]]], meta: dict[str, Any]) -> str:
-    lines = [f"Specialisation task ({meta['seeds']} seeds, {meta['steps']} steps, mean +- std; "
-             f"`python benchmarks/specialisation.py`)", "",
-             "| arm | cosine | CKA | specific energy | held-out MSE | leak |", "|---|---|---|---|---|---|"]
+    task = meta.get("task", "clusters")
+    title, command = TITLES[task]
+    columns = COLUMNS[task]
+    with_leak = any(r["leak"] == r["leak"] for rows in results.values() for r in rows)  # NaN: no null-space OMoE
+    lines = [f"{title} ({meta['seeds']} seeds, {meta['steps']} steps, mean +- std; {command})", ""]
+    if "machine" in meta:
+        load = meta["machine"]["load_average_at_start"][0]
+        lines += [f"Machine: {common.machine_line(meta['machine'])}; {meta['seconds'] / 60:.1f} min wall, 1-min "
+                  f"load average at start {load:.1f}{' (timing indicative)' if load > 2 else ''}.", ""]
+    headers = ["arm"] + [h for _, h, _ in columns] + (["leak"] if with_leak else [])
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for arm, rows in results.items():
         cells = []
-        for key, fmt in (("cosine", ".3f"), ("cka", ".3f"), ("specific_energy", ".3f"), ("loss", ".4f")):
+        for key, _, fmt in columns:
             mean, std = summary(rows, key)
             cells.append(f"{mean:{fmt}} +- {std:{fmt}}")
-        leaks = [r["leak"] for r in rows if r["leak"] == r["leak"]]  # NaN: arm without a null-space OMoE
-        cells.append(f"{statistics.mean(leaks):.3f}" if leaks else "-")
+        if with_leak:
+            leaks = [r["leak"] for r in rows if r["leak"] == r["leak"]]
+            cells.append(f"{statistics.mean(leaks):.3f}" if leaks else "-")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     rec = meta["recommendation"]
     lines += ["", f"Recommended (lowest cosine with loss <= 1.05 x FFN experts' {rec['ffn_loss']:.4f} and cosine "
@@ -264,7 +374,37 @@ def markdown(results: dict[str, list[dict[str, float]]], meta: dict[str, Any]) -
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, list[dict[str, float]]], path: Path) -> None:
+def paired(results: dict[str, list[dict[str, float]]], arm: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Per seed: the arm's cosine minus copy's, and its loss / FFN experts' loss - 1; (mean, std) of each."""
+    rows, copy_rows, ffn_rows = results[arm], results["copy"], results["ffn"]
+    d_cos = [{"v": r["cosine"] - c["cosine"]} for r, c in zip(rows, copy_rows)]
+    d_loss = [{"v": r["loss"] / f["loss"] - 1} for r, f in zip(rows, ffn_rows)]
+    return summary(d_cos, "v"), summary(d_loss, "v")
+
+
+def paired_table(runs: list[dict[str, Any]]) -> str:
+    """One row per arm, a (d cosine, loss vs FFN) column pair per run (e.g. 100 and 300 steps), paired by seed."""
+    arms = sorted(dict.fromkeys(a for run in runs for a in run["results"]), key=lambda a: a == "ffn")  # ffn last
+    header = ["arm"] + [f"{run['meta']['steps']} steps: {h}" if i == 0 else h
+                        for run in runs for i, h in enumerate(("d cosine", "loss vs FFN"))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in arms:
+        cells = []
+        for run in runs:
+            results = run["results"]
+            if arm not in results:
+                cells += ["", ""]
+                continue
+            (dc, dc_std), (dl, dl_std) = paired(results, arm)
+            cos = f"0 ({summary(results['copy'], 'cosine')[0]:.3f})" if arm == "copy" else f"{dc:+.3f} +- {dc_std:.3f}"
+            cells += [cos, "0" if arm == "ffn" else f"{100 * dl:+.1f}% +- {100 * dl_std:.1f}%"]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    sources = ", ".join(f"{run['meta']['seeds']} seeds x {run['meta']['steps']} steps" for run in runs)
+    return (f"Paired per seed ({sources}): cosine minus copy's, and loss / FFN experts' loss - 1 (mean +- std "
+            f"over seeds).\n\n" + "\n".join(lines) + "\n")
+
+
+def plot(results: dict[str, list[dict[str, float]]], meta: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -274,34 +414,43 @@ def plot(results: dict[str, list[dict[str, float]]], path: Path) -> None:
         (cx, sx), (ly, sy) = summary(rows, "cosine"), summary(rows, "loss")
         ax.errorbar(cx, ly, xerr=sx, yerr=sy, fmt="o", capsize=3, label=arm)
     ax.set_xlabel("mean pairwise expert output cosine (lower = more specialised)")
-    ax.set_ylabel("held-out MSE")
-    ax.set_title("Specialisation task: 4 experts, hidden 32, FFN 128")
+    task = meta.get("task", "clusters")
+    ax.set_ylabel(dict((k, h) for k, h, _ in COLUMNS[task])["loss"])
+    ax.set_title(f"{TITLES[task][0]}: 4 experts, hidden 32, FFN 128", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def run_seed(seed: int, arms: list[Arm], steps: int) -> dict[str, dict[str, float]]:
-    """Every arm on one seed's task, from one pretrained FFN (one process; single thread)."""
+def run_seed(seed: int, arms: list[Arm], steps: int, task: str = "clusters") -> dict[str, dict[str, float]]:
+    """Every arm on one seed's task, from one pretrained model (one process; single thread)."""
     torch.set_num_threads(1)
-    task = Task(seed)
-    pretrained = train_dense(task, PRETRAIN_STEPS)
-    rows = {arm.name: run_arm(task, pretrained, arm, steps) for arm in arms}
+    if task == "multitask":
+        data = ToyGlue()
+        pretrained_text = pretrain_text(data, seed)
+        rows = {arm.name: run_text_arm(data, pretrained_text, arm, steps, seed) for arm in arms}
+    else:
+        clusters = Task(seed)
+        pretrained = train_dense(clusters, PRETRAIN_STEPS)
+        rows = {arm.name: run_arm(clusters, pretrained, arm, steps) for arm in arms}
     print(f"seed {seed} done", flush=True)
     return rows
 
 
 def run_all(args: argparse.Namespace) -> tuple[dict[str, list[dict[str, float]]], dict[str, Any]]:
     arms = [a for a in ARMS if (a.name in args.only if args.only else args.group in a.groups)]
+    machine = common.machine_info()
     start = time.time()
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        per_seed = pool.map(functools.partial(run_seed, arms=arms, steps=args.steps), seeds)
+        per_seed = pool.map(functools.partial(run_seed, arms=arms, steps=args.steps, task=args.task), seeds)
     results = {a.name: [rows[a.name] for rows in per_seed] for a in arms}
-    meta = {"group": args.group if not args.only else "only", "arms": [a.name for a in arms],
+    sizes = ({"pretrain_steps": TEXT_PRETRAIN_STEPS, "batch_per_task": TEXT_BATCH} if args.task == "multitask"
+             else {"pretrain_steps": PRETRAIN_STEPS, "batch": BATCH})
+    meta = {"task": args.task, "group": args.group if not args.only else "only", "arms": [a.name for a in arms],
             "seeds": args.seeds, "seed_list": list(seeds), "steps": args.steps, "seconds": time.time() - start,
-            "sizes": {"hidden": D, "ffn": F, "experts": E, "cores": 5}, "lr": LR, "batch": BATCH,
-            "pretrain_steps": PRETRAIN_STEPS, "omoe": OMOE}
+            "machine": machine, "jobs": args.jobs,
+            "sizes": {"hidden": D, "ffn": F, "experts": E, "cores": 5}, "lr": LR, **sizes, "omoe": OMOE}
     return results, meta
 
 
@@ -318,35 +467,55 @@ def merge_runs(paths: list[Path]) -> tuple[dict[str, list[dict[str, float]]], di
     return results, meta
 
 
+DEFAULT_OUT = {"clusters": "specialisation", "multitask": "specialisation_multitask",
+               "paired": "specialisation_sweep_paired"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=("clusters", "multitask"), default="clusters",
+                        help="clusters: one teacher per input cluster; multitask: the built-in toy_glue tasks")
     parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=None, help="training steps after upcycling "
+                                                                "(default 100 clusters, 300 multitask)")
     parser.add_argument("--jobs", type=int, default=2, help="processes (seeds run in parallel)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first_seed .. first_seed + seeds - 1")
     parser.add_argument("--merge", nargs="*", default=None,
                         help="instead of running: combine these JSON files (runs over different seeds) into --out")
-    parser.add_argument("--group", choices=("issue", "sweep"), default="issue",
+    parser.add_argument("--paired", nargs="*", default=None,
+                        help="instead of running: the paired-by-seed table (d cosine vs copy, loss vs FFN experts) "
+                             "of these JSON results, one column pair each, to --out .md and the README's markers")
+    parser.add_argument("--group", choices=("issue", "sweep", "multitask"), default=None,
                         help="issue: the issue's arms (the table in the README); sweep: small rotation angles / "
-                             "re-init fractions alone and with null-space OMoE or aux_lr_mult 3 (+ copy, ffn)")
+                             "re-init fractions alone and with null-space OMoE or aux_lr_mult 3 (+ copy, ffn); "
+                             "multitask: copy, reinit_0.05, ffn, dense (default: issue, or multitask with "
+                             "--task multitask)")
     parser.add_argument("--only", nargs="*", default=None, help="arm names to run (overrides --group)")
-    parser.add_argument("--out", default=str(RESULTS / "specialisation"), help="path prefix of .json/.md/.png")
+    parser.add_argument("--out", default=None, help="path prefix of .json/.md/.png (default results/"
+                                                    "specialisation, _multitask or _sweep_paired)")
     args = parser.parse_args()
+    args.group = args.group or ("multitask" if args.task == "multitask" else "issue")
+    args.steps = args.steps or (300 if args.task == "multitask" else 100)
+    out = Path(args.out or RESULTS / DEFAULT_OUT["paired" if args.paired else args.task])
+    out.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
+    if args.paired:
+        out.with_suffix(".md").write_text(paired_table([common.read_json(Path(f)) for f in args.paired]))
+        common.paste_into_readme(out.with_suffix(".md"))
+        return
     if args.merge:
         results, meta = merge_runs([Path(f) for f in args.merge])
     else:
         results, meta = run_all(args)
     if "ffn" in results and "copy" in results:
         meta["recommendation"] = recommend(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     if "recommendation" in meta:
         table = markdown(results, meta)
         out.with_suffix(".md").write_text(table)
+        common.paste_into_readme(out.with_suffix(".md"))
         print(table)
-    plot(results, out.with_suffix(".png"))
+    plot(results, meta, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

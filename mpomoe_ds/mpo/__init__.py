@@ -18,7 +18,7 @@ from typing import Any
 _EXPORTS = {
     "decomposition": ("DEFAULT_NUM_CORES", "MPO", "check_factors", "decompose", "factorize", "full_bond_dims"),
     "reconstruction": ("dense_matmul_macs", "reconstruct", "reconstruct_shared", "reconstruction_macs",
-                       "shared_plan_macs"),
+                       "shared_plan_macs", "shared_reconstruction_macs"),
     "gauge": ("balance", "core_rms", "fractional_rotation", "haar_rotation", "reinit_partially",
               "rotate_central_bonds", "rotation"),
 }

@@ -137,6 +137,39 @@ def shared_plan_macs(core_shapes: Sequence[Sequence[int]], central_index: int) -
     return total
 
 
+def _shared_plan_applies(shapes: Sequence[Sequence[int]], central_index: int) -> bool:
+    """Whether :func:`reconstruct_shared` takes its own order (else it falls back to :func:`reconstruct`)."""
+    c = central_index
+    return 0 < c < len(shapes) - 1 and shared_plan_macs(shapes, c) <= 1.05 * reconstruction_macs(shapes)
+
+
+def shared_reconstruction_macs(core_shapes: Sequence[Sequence[int]], central_index: int) -> tuple[int, int]:
+    """(all MACs, MACs of the one contraction with the bare central core) of :func:`reconstruct_shared`, per expert.
+
+    In the order :func:`reconstruct_shared` really takes (its own or the
+    fallback's). The second number matters for derivatives in the auxiliary
+    cores only: a VJP skips the central's gradient in that one contraction.
+    """
+    shapes = [tuple(int(d) for d in s[-4:]) for s in core_shapes]
+    c = central_index
+    if _shared_plan_applies(shapes, c):
+        rows = math.prod(i * j for _, i, j, _ in shapes[:c])
+        d0, i, j, d1 = shapes[c]
+        return shared_plan_macs(shapes, c), rows * d0 * i * j * d1
+    total, tree = _contraction_plan(tuple(shapes))
+    bonds = [shapes[0][0]] + [s[3] for s in shapes]
+    site = [s[1] * s[2] for s in shapes]
+
+    def walk(node) -> tuple[int, int, int]:  # (first core, last core, MACs of the merge with the bare central)
+        if isinstance(node, int):
+            return node, node, 0
+        (a, m, left), (_, b, right) = walk(node[0]), walk(node[1])
+        here = bonds[a] * math.prod(site[a:m + 1]) * bonds[m + 1] * math.prod(site[m + 1:b + 1]) * bonds[b + 1]
+        return a, b, left + right + (here if c in node else 0)
+
+    return total, walk(tree)[2]
+
+
 def reconstruct_shared(aux_cores: Sequence[torch.Tensor], central: torch.Tensor, central_index: int) -> torch.Tensor:
     """Contract a shared central core with a batch of auxiliary cores into (L, I, J) weights.
 
@@ -167,7 +200,7 @@ def reconstruct_shared(aux_cores: Sequence[torch.Tensor], central: torch.Tensor,
     c = central_index
     before, after = list(aux_cores[:c]), list(aux_cores[c:])
     shapes = [tuple(t.shape[-4:]) for t in before] + [tuple(central.shape)] + [tuple(t.shape[-4:]) for t in after]
-    if not before or not after or shared_plan_macs(shapes, c) > 1.05 * reconstruction_macs(shapes):
+    if not _shared_plan_applies(shapes, c):
         return reconstruct(before + [central] + after)
     num = before[0].shape[0]
     left = before[0]

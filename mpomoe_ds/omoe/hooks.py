@@ -18,9 +18,9 @@ from torch import nn
 
 from mpomoe_ds.config import ConfigError
 from mpomoe_ds.moe.experts import MoEExperts
-from mpomoe_ds.mpo.reconstruction import reconstruct_shared
+from mpomoe_ds.mpo.reconstruction import reconstruct_shared, shared_reconstruction_macs
 from mpomoe_ds.omoe.config import OMoEConfig
-from mpomoe_ds.omoe.null_space import leak, max_protected_rank, project_aux_step, protected_basis
+from mpomoe_ds.omoe.null_space import correction_macs, leak, max_protected_rank, project_aux_step, protected_basis
 from mpomoe_ds.omoe.projector import mean_other_projector, owm_update, project_input_dim
 
 
@@ -222,6 +222,18 @@ class LayerHooks:
         self.snapshot = {}
         for m in self.in_dim:
             self.snapshot[m] = {"aux": self._stacked_aux(m), "central": _read_fp32(self.central[m])}
+
+    def null_space_cost(self, matrix: str) -> dict[str, int]:
+        """Bytes held and MACs per orthogonal step of the "null_space" correction of ``matrix`` (fp32)."""
+        aux = self.experts.deepspeed_experts[0].aux_cores(matrix)
+        central = self.central[matrix]
+        index = self.experts.central_index
+        shapes = [tuple(c.shape) for c in aux[:index]] + [tuple(central.shape)] + [tuple(c.shape) for c in aux[index:]]
+        per_expert, central_step = shared_reconstruction_macs(shapes, index)
+        L, I, O, r = self.num_local, self.in_dim[matrix], self.out_dim[matrix], self.protected_rank[matrix]
+        return {"snapshot_bytes": 4 * (L * sum(c.numel() for c in aux) + central.numel()),
+                "basis_bytes": 4 * L * I * r,
+                "orth_step_macs": correction_macs(L * per_expert, L * central_step, L * I * r * O, self.config.cg_iters)}
 
     def project_null_space(self) -> None:
         """After the optimizer step: central back to its value, aux steps corrected (see null_space)."""

@@ -26,8 +26,8 @@ current ``d``::
 multilinear map; the CG is the limit: ``A A^T`` is ill-conditioned, and on 4
 MPO experts (32 x 128, r = 6: 768 constraints) the leak was 0.09 after 10 CG
 iterations, 0.017 after 30 (the default), 0.0012 after 100. Cost per step and
-matrix: 2 * (cg_iters + 2) reconstructions' worth of JVP / VJP of the local experts.
-``A A^T`` is (r O) x (r O): the correction is
+matrix: :func:`correction_macs`, about ``newton_iters * (5 cg_iters + 3) + 3``
+reconstructions of the local experts plus the products with Q. ``A A^T`` is (r O) x (r O): the correction is
 possible only while r * O < n_aux, the expert's number of auxiliary
 parameters of that matrix (:func:`max_protected_rank`).
 """
@@ -43,6 +43,34 @@ PROTECT_THRESHOLD = 0.5
 """An input direction is protected when the other experts' summed protection
 ``sum_{j != i} (I - P_j)`` has eigenvalue above this: at least half a unit of
 "seen" along it (an OWM projector's ``I - P`` is ~1 on seen directions)."""
+
+
+NEWTON_ITERS = 2
+"""Gauss-Newton corrections per step (see the module doc)."""
+
+
+def correction_macs(weight_macs: int, central_step_macs: int, basis_macs: int, cg_iters: int,
+                    newton_iters: int = NEWTON_ITERS) -> int:
+    """Multiply-adds of one orthogonal step's correction of one matrix (:meth:`LayerHooks.project_null_space`).
+
+    Counted from the code, in units of the local experts' reconstruction
+    ``F = weight_macs`` (all L experts), its contraction with the bare central
+    ``K = central_step_macs`` and one product with the basis ``B = basis_macs``
+    (``Q^T X`` or ``Q Y``: L * I * r * O)::
+
+        VJP pullback  2F - K   (the central's own gradient is not needed)
+        JVP           3F       (primal + tangent: torch.func.jvp gives the constant
+                                central a zero tangent, so every product is doubled)
+        per CG iteration:  A^T y (pullback + Q y) and A (JVP + Q^T)   = 5F - K + 2B
+        per Gauss-Newton:  vjp's primal F, Q^T residual B, final A^T y = 3F - K + 2B
+        around them:       W before, W before / after for the leak, its Q^T = 3F + B
+
+    Elementwise work (CG's dot products, the step update) is left out. Checked
+    against torch's FlopCounterMode in tests/omoe/test_null_space.py.
+    """
+    per_cg = 5 * weight_macs - central_step_macs + 2 * basis_macs
+    per_newton = 3 * weight_macs - central_step_macs + 2 * basis_macs + cg_iters * per_cg
+    return 3 * weight_macs + basis_macs + newton_iters * per_newton
 
 
 def max_protected_rank(num_aux_params: int, out_dim: int) -> int:
@@ -102,7 +130,7 @@ def _conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], rhs: torc
 
 def project_aux_step(weight_fn: Callable[..., torch.Tensor], aux_before: Sequence[torch.Tensor],
                      aux_after: Sequence[torch.Tensor], basis_LIr: torch.Tensor, cg_iters: int = 30,
-                     newton_iters: int = 2) -> list[torch.Tensor]:
+                     newton_iters: int = NEWTON_ITERS) -> list[torch.Tensor]:
     """Corrected auxiliary cores ``a + d`` whose W change is (nearly) orthogonal to Q (see module doc).
 
     ``weight_fn(*aux)`` maps the stacked (L, ...) auxiliary cores to (L, I, O)

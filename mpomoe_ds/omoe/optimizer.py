@@ -51,11 +51,19 @@ class OMoECost:
         sum over layers and matrices of L * I^2 * 4 (doubled with reset="never",
         which also keeps each expert's own P_j).
     record_bytes: the accumulating phase's per-step input sums, K * L * (I + 1) * 4.
-    snapshot_bytes: "update" projection's copy of the projected matrices, L * I * O * 4.
+    snapshot_bytes: "update" projection's copy of the projected matrices, L * I * O * 4;
+        "null_space": its fp32 copy of the auxiliary cores (L * n_aux * 4) and
+        of the central (n_central * 4) per projected matrix, held through each orthogonal step.
+    basis_bytes: "null_space" only: the protected bases Q, L * I * r * 4 per matrix
+        (zero-padded to r = the protected rank), held through the orthogonal phase.
     orth_step_macs: projection per orthogonal step, L * I^2 * O per matrix per layer
-        (per micro-batch with "gradient", since the hook runs in every backward).
+        (per micro-batch with "gradient", since the hook runs in every backward);
+        "null_space": the correction of :func:`mpomoe_ds.omoe.null_space.correction_macs`,
+        ~(newton_iters (5 cg_iters + 3) + 3) reconstructions of the L experts' matrix plus
+        (2 newton_iters (cg_iters + 1) + 1) products L * I * r * O with Q.
     acc_step_macs: recording the mean inputs per accumulating step, ~L * S * I (S slots).
-    phase_change_macs: OWM recursion (~2 K L I^2) plus the mean projectors, per cycle.
+    phase_change_macs: OWM recursion (~2 K L I^2) plus the mean projectors, per cycle;
+        "null_space" adds the eigendecomposition for Q, counted as L * I^3 (order of magnitude).
     collectives_per_cycle: all-reduces per cycle (EP sum of projectors when
         ep_size > 1; expert-data-parallel sum of the input records when replicas exist).
     comm_bytes_per_cycle: payload of those all-reduces (a ring moves ~2x this per rank).
@@ -65,6 +73,7 @@ class OMoECost:
     projector_bytes: int
     record_bytes: int
     snapshot_bytes: int
+    basis_bytes: int
     orth_step_macs: int
     acc_step_macs: int
     phase_change_macs: int
@@ -266,8 +275,8 @@ class OrthogonalExpertOptimizer:
         fp32 = 4
         keep = 2 if cfg.reset == "never" else 1
         per_layer: dict[str, dict[str, int]] = {}
-        tot = dict(projector_bytes=0, record_bytes=0, snapshot_bytes=0, orth_step_macs=0, acc_step_macs=0,
-                   phase_change_macs=0, ep_bytes=0, dp_bytes=0)
+        tot = dict(projector_bytes=0, record_bytes=0, snapshot_bytes=0, basis_bytes=0, orth_step_macs=0,
+                   acc_step_macs=0, phase_change_macs=0, ep_bytes=0, dp_bytes=0)
         for name, state in self.layers.items():
             for m in state.in_dim:
                 L, I, O = state.num_local, state.in_dim[m], state.out_dim[m]
@@ -275,12 +284,16 @@ class OrthogonalExpertOptimizer:
                     "projector_bytes": keep * L * I * I * fp32,
                     "record_bytes": cfg.acc_steps * L * (I + 1) * fp32,
                     "snapshot_bytes": L * I * O * fp32 if cfg.projection == "update" else 0,
+                    "basis_bytes": 0,
                     "orth_step_macs": L * I * I * O * (micro_batches if cfg.projection == "gradient" else 1),
                     "acc_step_macs": L * slots_per_expert * I * micro_batches,
                     "phase_change_macs": 2 * cfg.acc_steps * L * I * I + L * I * I,
                     "ep_bytes": I * I * fp32 if self.ep_size > 1 else 0,
                     "dp_bytes": cfg.acc_steps * L * (I + 1) * fp32 if self.expert_dp_size > 1 else 0,
                 }
+                if cfg.projection == "null_space":
+                    row.update(state.null_space_cost(m))
+                    row["phase_change_macs"] += L * I ** 3
                 per_layer[f"{name}.{m}"] = row
                 for k, v in row.items():
                     tot[k] += v

@@ -101,7 +101,9 @@ class Trainer:
         omoe = OrthogonalExpertOptimizer(self.model, self.config.omoe, ep_group=self.ep_group,
                                          expert_dp_group=parallel.expert_data_parallel_group(self.config.moe.ep_size))
         cost = omoe.cost(micro_batches=self.engine.gradient_accumulation_steps())
-        logger.info(f"OMoE: projectors {cost.projector_bytes / 2**20:.1f} MiB, {cost.orth_step_macs / 1e9:.2f} GMAC "
+        logger.info(f"OMoE: projectors {cost.projector_bytes / 2**20:.1f} MiB, step snapshot "
+                    f"{cost.snapshot_bytes / 2**20:.1f} MiB, bases {cost.basis_bytes / 2**20:.1f} MiB, "
+                    f"{cost.orth_step_macs / 1e9:.2f} GMAC "
                     f"per orthogonal step, {cost.collectives_per_cycle} all-reduce(s) of "
                     f"{cost.comm_bytes_per_cycle / 2**20:.1f} MiB per {self.config.omoe.cycle_steps}-step cycle")
         return omoe

@@ -505,3 +505,30 @@ def test_mpo_container_rejects_mismatched_bonds():
         MPO(cores=cores, central_index=0)
     with pytest.raises(ValueError, match="central_index 2 out of range"):
         MPO(cores=_random_cores([2, 2], [2, 2], (1, 3, 1), seed=0), central_index=2)
+
+
+@pytest.mark.parametrize("central_index", [2, 0], ids=["shared-order", "fallback-order"])
+def test_shared_reconstruction_macs_count_the_forward_and_an_aux_only_vjp(central_index: int) -> None:
+    """(F, K) of reconstruct_shared against FlopCounterMode: the forward is F, a VJP in the auxiliary cores
+    only is 2F - K (the bare central's gradient is skipped), in both the shared and the fallback order."""
+    from torch.func import vjp
+
+    from mpomoe_ds.mpo import reconstruct_shared, shared_reconstruction_macs
+
+    in_factors, out_factors, bonds, num = [2, 3, 4, 2, 2], [2, 2, 3, 3, 2], (1, 4, 12, 6, 4, 1), 3
+    batched = _random_cores(in_factors, out_factors, bonds, seed=11, batch=(num,))
+    central = _random_cores(in_factors, out_factors, bonds, seed=12)[central_index]
+    aux = [c for k, c in enumerate(batched) if k != central_index]
+    shapes = [tuple(c.shape[-4:]) for c in batched]
+    per_expert, central_step = shared_reconstruction_macs(shapes, central_index)
+    assert 0 < central_step < per_expert
+
+    def weight(*cores: torch.Tensor) -> torch.Tensor:
+        return reconstruct_shared(list(cores), central, central_index)
+
+    with FlopCounterMode(display=False) as forward:
+        out, pullback = vjp(weight, *aux)
+    with FlopCounterMode(display=False) as backward:
+        pullback(torch.ones_like(out))
+    assert forward.get_total_flops() == 2 * num * per_expert
+    assert backward.get_total_flops() == 2 * num * (2 * per_expert - central_step)

@@ -142,6 +142,44 @@ def test_null_space_projection_makes_the_applied_mpo_update_orthogonal_under_ada
     assert stats["omoe/deepspeed_moe.experts.up/protected_rank"] == 6.0
 
 
+@pytest.mark.parametrize("matrices, cg_iters", [(["up"], 5), (["up", "down"], 3)])
+def test_cost_predicts_the_flops_and_the_tensors_of_a_real_null_space_step(matrices: list[str],
+                                                                            cg_iters: int) -> None:
+    """cost() against FlopCounterMode around one orthogonal step's correction (end_step) and against the
+    snapshot and bases the layer really holds. Measured: equal to the MAC (the count is exact, not a fit)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    layer = mpo_layer()
+    omoe = OrthogonalExpertOptimizer(layer, OMoEConfig(enabled=True, acc_steps=2, orth_steps=1, matrices=matrices,
+                                                       projection="null_space", cg_iters=cg_iters))
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    moe_step = MoEStep(layer, [omoe])
+    state = next(iter(omoe.layers.values()))
+    for step in range(3):  # two accumulating steps, then the orthogonal one
+        moe_step.begin_step(step)
+        moe_step.begin_micro_batch(0, is_last=True)
+        out, _, _ = layer(torch.randn(64, D))
+        opt.zero_grad()
+        out.square().sum().backward()
+        opt.step()
+        if omoe.phase == "orthogonal":
+            held = sum(t.numel() * t.element_size() for snap in state.snapshot.values()
+                       for t in (*snap["aux"], snap["central"]))
+            with FlopCounterMode(display=False) as counter:
+                moe_step.end_step(step)
+        else:
+            moe_step.end_step(step)
+    cost = omoe.cost()
+    measured_macs = counter.get_total_flops() / 2  # FlopCounterMode counts a multiply-add as 2 FLOPs
+    assert abs(measured_macs / cost.orth_step_macs - 1) < 0.05, (measured_macs, cost.orth_step_macs)
+    assert cost.snapshot_bytes == held > 0
+    assert cost.basis_bytes == sum(b.numel() * b.element_size() for b in state.basis.values()) > 0
+    assert cost.basis_bytes == sum(4 * E * state.in_dim[m] * state.protected_rank[m] for m in matrices)
+    # Far dearer than the gradient projection (L * I^2 * O): ~5 reconstructions of every local expert per CG step.
+    assert cost.orth_step_macs > 10 * sum(E * state.in_dim[m] ** 2 * state.out_dim[m] for m in matrices)
+
+
 def test_budget_and_refusals_name_the_fix() -> None:
     n_aux = sum(c.numel() for c in mpo_layer().experts.deepspeed_experts[0].aux_cores("up"))
     budget = max_protected_rank(n_aux, F)
