@@ -1,7 +1,8 @@
 """Mixed precision on 2 real CPU ranks: bf16 ds_configs train the converted model; fp16 is refused early on CPU.
 
-DeepSpeed's CPU accelerator supports float32 and bfloat16 only
-(``supported_dtypes()``), so fp16 runs need a GPU: scripts/gpu_check.sh.
+DeepSpeed's CPU accelerator supports float32 and bfloat16, and float16 only
+where oneDNN has fp16 kernels (``supported_dtypes()``; e.g. avx512_fp16 Xeons),
+so fp16 runs are refused early elsewhere and belong on a GPU: scripts/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -46,10 +47,18 @@ def test_bf16_trains_two_ranks_with_finite_falling_loss(tmp_path, stage, extras)
         assert sum(losses[-2:]) < sum(losses[:2]), losses
 
 
-def test_fp16_on_a_cpu_accelerator_is_refused_before_deepspeed_with_the_fix():
+@pytest.mark.parametrize("has_fp16", [False, True])
+def test_fp16_is_refused_before_deepspeed_with_the_fix_only_where_the_accelerator_lacks_it(monkeypatch, has_fp16):
+    """DeepSpeed's CPU accelerator has fp16 only where oneDNN does (avx512_fp16 Xeons): both cases, on any host."""
     import torch
+    from deepspeed.accelerator import get_accelerator
 
     from mpomoe_ds.training.engine import DeepSpeedConfigError, validate_ds_config
 
-    with pytest.raises(DeepSpeedConfigError, match=r"fp16.enabled.*bf16.enabled"):
-        validate_ds_config({**TINY_DS, "fp16": {"enabled": True}}, torch.nn.Linear(2, 2))
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: has_fp16)
+    config, model = {**TINY_DS, "fp16": {"enabled": True}}, torch.nn.Linear(2, 2)
+    if has_fp16:
+        validate_ds_config(config, model)
+    else:
+        with pytest.raises(DeepSpeedConfigError, match=r"fp16.enabled.*bf16.enabled"):
+            validate_ds_config(config, model)
