@@ -239,6 +239,20 @@ def barrier(group: Optional[ProcessGroup] = None) -> None:
         dist.barrier(group=group)
 
 
+def shutdown() -> None:
+    """End of a process: wait for every rank, then destroy all process groups (no-op outside torch.distributed).
+
+    Without it, gloo's worker threads can still hold work objects when the
+    interpreter finalises; destroying them then aborts the process
+    ("terminate called without an active exception", SIGABRT after a
+    successful run; pytorch/pytorch#179291). Call once, where communication
+    is over, never between in-process runs that reuse DeepSpeed's groups.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_to_all(group: Optional[ProcessGroup], x: torch.Tensor) -> torch.Tensor:
     """Differentiable equal-split all-to-all along dim 0 (identity without a group), on ``x``'s device."""
     if group is None or dist.get_world_size(group) == 1:

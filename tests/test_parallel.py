@@ -59,3 +59,23 @@ def test_two_rank_collectives_give_their_definitions_on_the_caller_device(tmp_pa
 def test_two_rank_gloo_collectives_take_and_return_cuda_tensors(tmp_path):
     """On a CUDA machine: caller tensors on the GPU, gloo sends from the CPU, results come back on the GPU."""
     check_two_rank_results(run_two_ranks(WORKER, ["--device", "cuda"], tmp_path / "par"), "cuda")
+
+
+def test_shutdown_destroys_the_process_group_once_and_is_a_no_op_after(tmp_path):
+    """In a fresh process (the suite's own group must stay): a gloo world of one is gone after shutdown()."""
+    import subprocess
+    import sys
+
+    from conftest import dist_env, free_port
+
+    script = (
+        "import torch.distributed as dist\n"
+        "from mpomoe_ds import parallel\n"
+        f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)\n"
+        "parallel.shutdown()\n"
+        "assert not dist.is_initialized()\n"
+        "parallel.shutdown()\n"
+        "print('down')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=dist_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "down", proc.stderr[-3000:]

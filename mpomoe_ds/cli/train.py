@@ -56,7 +56,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The console script: exit status 0 on success (failures raise with their message)."""
+    from mpomoe_ds import parallel
+
     run(argv)
+    parallel.shutdown()
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from mpomoe_ds import parallel
 from mpomoe_ds.training.build import DEFAULT_DS_CONFIG
 from mpomoe_ds.training.run_config import load_run_config
 from mpomoe_ds.training.trainer import Trainer
@@ -46,3 +47,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    parallel.shutdown()

@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from mpomoe_ds.moe.config import MoEConfig
+from mpomoe_ds import parallel
 from mpomoe_ds.config import to_dict
 from mpomoe_ds.models.convert import convert_model
+from mpomoe_ds.moe.config import MoEConfig
+from mpomoe_ds.moe.layer import moe_layers
 from mpomoe_ds.training.config import OptimConfig
 from mpomoe_ds.training.engine import initialize
-from mpomoe_ds.moe.layer import moe_layers
 
 BATCH, SEQ, VOCAB, TAG = 4, 8, 100, "step2"
 
@@ -138,3 +139,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    parallel.shutdown()

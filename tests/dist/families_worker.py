@@ -13,10 +13,11 @@ import argparse
 import json
 
 import deepspeed
+import family_zoo
 import torch
 import torch.distributed as dist
 
-import family_zoo
+from mpomoe_ds import parallel
 from mpomoe_ds.models.convert import convert_model
 from mpomoe_ds.moe.config import MoEConfig
 
@@ -48,3 +49,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    parallel.shutdown()

@@ -22,11 +22,12 @@ import dataclasses
 import json
 
 import deepspeed
+import family_zoo
 import torch
 import torch.distributed as dist
-
-import family_zoo
 from moe_worker import reference_name  # local expert index on a rank -> global index
+
+from mpomoe_ds import parallel
 from mpomoe_ds.models.convert import convert_model
 from mpomoe_ds.moe.config import MoEConfig
 from mpomoe_ds.moe.params import optimizer_param_groups
@@ -126,3 +127,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    parallel.shutdown()

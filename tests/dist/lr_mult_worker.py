@@ -12,6 +12,7 @@ import json
 
 from trainer_cli import trainer_from_args
 
+from mpomoe_ds import parallel
 from mpomoe_ds.moe.params import parameter_kind
 
 
@@ -35,3 +36,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    parallel.shutdown()

@@ -19,6 +19,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 from trainer_cli import trainer_from_args
 
+from mpomoe_ds import parallel
 from mpomoe_ds.moe.layer import moe_layers
 from mpomoe_ds.mpo.reconstruction import reconstruct_shared
 from mpomoe_ds.omoe.null_space import leak
@@ -77,3 +78,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    parallel.shutdown()

@@ -39,11 +39,11 @@ import deepspeed  # noqa: E402
 
 from mpomoe_ds import parallel
 from mpomoe_ds.moe.config import MoEConfig
-from mpomoe_ds.mpo.config import MPOConfig
-from mpomoe_ds.omoe.diversity import layer_expert_similarity
 from mpomoe_ds.moe.layer import MPOEMoE
 from mpomoe_ds.moe.step import MoEStep
+from mpomoe_ds.mpo.config import MPOConfig
 from mpomoe_ds.omoe.config import OMoEConfig
+from mpomoe_ds.omoe.diversity import layer_expert_similarity
 from mpomoe_ds.omoe.optimizer import OrthogonalExpertOptimizer
 
 D, F, E, TOKENS_PER_RANK, STEPS = 16, 32, 4, 24, 12
@@ -210,4 +210,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    parallel.shutdown()
+    sys.exit(status)

@@ -52,8 +52,8 @@ def main() -> None:
     out["input_untouched"] = torch.equal(transposed, base.t())
     with open(f"{args.out}.rank{rank}.json", "w") as f:
         json.dump(out, f)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    parallel.shutdown()

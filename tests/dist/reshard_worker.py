@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from trainer_cli import trainer_from_args
 
+from mpomoe_ds import parallel
 from mpomoe_ds.training import reshard
 
 
@@ -27,3 +28,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    parallel.shutdown()

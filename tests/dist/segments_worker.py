@@ -21,6 +21,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 from moe_worker import BATCH, LR, TinyMoEModel, global_batch, max_diff, reference_name
 
+from mpomoe_ds import parallel
 from mpomoe_ds.moe.config import MoEConfig
 from mpomoe_ds.moe.params import optimizer_param_groups
 from mpomoe_ds.moe.step import MoEStep
@@ -124,3 +125,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    parallel.shutdown()

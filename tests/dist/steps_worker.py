@@ -16,6 +16,7 @@ import re
 
 import torch
 
+from mpomoe_ds import parallel
 from mpomoe_ds.training.build import resolve_ds_config
 from mpomoe_ds.training.run_config import load_run_config
 from mpomoe_ds.training.trainer import Trainer
@@ -65,3 +66,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    parallel.shutdown()
