@@ -10,6 +10,7 @@ and stored. One command, 2 ranks (ep_size 2), writes
 ``benchmarks/results/skew.{json,md,png}``::
 
     python benchmarks/skew.py [--tokens 2048] [--steps 3]
+    python benchmarks/skew.py --tokens 8192 --out benchmarks/results/skew_8192.json   # the 8192 tokens per rank
 
 Variants, at layer.py's widths (D = 768, F = 3072, GELU), k = 1, dropless:
 

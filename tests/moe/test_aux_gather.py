@@ -91,6 +91,32 @@ def test_config_refuses_segments_with_aux_gather_naming_the_fix():
     assert MoEConfig(dispatch="auto", dropless_impl="segments").dispatch == "auto"
 
 
+@pytest.mark.parametrize("mode", ["aux_gather", "auto"])
+def test_omoe_with_aux_gather_is_refused_before_training_naming_the_fix(mode):
+    # the README promises this refusal: OMoE projects per expert from inputs only its owner sees under tokens
+    from types import SimpleNamespace
+
+    from mpomoe_ds.training.preflight import check_dispatch
+
+    with pytest.raises(ConfigError, match="moe.dispatch: tokens or omoe.enabled: false"):
+        check_dispatch(SimpleNamespace(omoe=SimpleNamespace(enabled=True), moe=MoEConfig(dispatch=mode)))
+    check_dispatch(SimpleNamespace(omoe=SimpleNamespace(enabled=True), moe=MoEConfig(dispatch="tokens")))
+    check_dispatch(SimpleNamespace(omoe=SimpleNamespace(enabled=False), moe=MoEConfig(dispatch=mode)))
+
+
+def test_aux_gather_layer_refuses_expert_hooks_in_the_python_api():
+    from mpomoe_ds.moe.layer import MPOEMoE
+
+    layer = MPOEMoE(32, 64, MoEConfig(num_experts=4, ep_size=1, dispatch="aux_gather"))
+    x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(0))
+    layer(x)  # without hooks it runs
+    layer.begin_step(0, hooks=object())  # any hook set: the refusal does not depend on its kind
+    with pytest.raises(RuntimeError, match="use moe.dispatch: tokens with omoe"):
+        layer(x)
+    layer.end_step()
+    layer(x)
+
+
 def gpt2_workload(**overrides) -> DispatchWorkload:
     """The issue's example: GPT-2 width, 8 experts, 8192 tokens per rank, k=1, fp32."""
     values = dict(tokens_per_rank=8192, hidden_size=768, k=1, accumulation=4, dtype_bytes=4,
