@@ -79,7 +79,7 @@ def merged_entries(files: list[Path]) -> dict[str, dict]:
 
 
 CASES = [  # (expert type, ZeRO stage, shard_central, new world, new ep_size)
-    pytest.param("mpo", 0, False, 1, 1, id="mpo-zero0-to-world1"),
+    pytest.param("mpo", 0, False, 1, 1, id="mpo-zero0-to-world1", marks=pytest.mark.slow),  # MPO: world2-ep1 below
     pytest.param("mpo", 0, False, 2, 1, id="mpo-zero0-to-world2-ep1"),
     pytest.param("ffn", 2, False, 1, 1, id="ffn-zero2-to-world1"),
     pytest.param("ffn", 2, False, 2, 1, id="ffn-zero2-to-world2-ep1", marks=pytest.mark.slow),
