@@ -79,7 +79,8 @@ class DispatchWorkload:
         return self.token_bytes() / (self.link_gbps * 1e9)
 
     def aux_seconds(self) -> float:
-        return self.aux_bytes() / (self.link_gbps * 1e9) + self.extra_reconstruction_flops() / (self.device_tflops * 1e12)
+        communication = self.aux_bytes() / (self.link_gbps * 1e9)
+        return communication + self.extra_reconstruction_flops() / (self.device_tflops * 1e12)
 
     def choice(self) -> str:
         """"aux_gather" when it is cheaper, else "tokens" (also for ep_size 1: nothing moves)."""
