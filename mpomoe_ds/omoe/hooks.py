@@ -231,9 +231,9 @@ class LayerHooks:
         shapes = [tuple(c.shape) for c in aux[:index]] + [tuple(central.shape)] + [tuple(c.shape) for c in aux[index:]]
         per_expert, central_step = shared_reconstruction_macs(shapes, index)
         L, I, O, r = self.num_local, self.in_dim[matrix], self.out_dim[matrix], self.protected_rank[matrix]
+        macs = correction_macs(L * per_expert, L * central_step, L * I * r * O, self.config.cg_iters)
         return {"snapshot_bytes": 4 * (L * sum(c.numel() for c in aux) + central.numel()),
-                "basis_bytes": 4 * L * I * r,
-                "orth_step_macs": correction_macs(L * per_expert, L * central_step, L * I * r * O, self.config.cg_iters)}
+                "basis_bytes": 4 * L * I * r, "orth_step_macs": macs}
 
     def project_null_space(self) -> None:
         """After the optimizer step: central back to its value, aux steps corrected (see null_space)."""
