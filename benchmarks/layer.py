@@ -443,10 +443,16 @@ def merge_runs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def report_name(variants: list[str]) -> str:
+    """Which report the results get: the aux_gather table (bytes vs token dispatch) when mpoe_aux is measured."""
+    return "aux_gather_layer" if "mpoe_aux" in variants else "layer"
+
+
 def drive(args) -> None:
     """Launch the ranks for every run, then write the results and the report."""
     out = Path(args.out)
     runs, machine = [], None
+    name, command = report_name(args.variants), "python benchmarks/layer.py " + " ".join(sys.argv[1:])
     for ranks, accum, cells in grids(args):
         run = None
         for num_experts, tokens in cells:  # a fresh process per cell: a clean heap for every measurement
@@ -464,18 +470,19 @@ def drive(args) -> None:
             else:
                 run["cells"] += result["run"]["cells"]
             part.unlink()
-            partial = {"benchmark": "layer", "machine": machine, "hidden": HIDDEN, "ffn": FFN, "runs": runs + [run]}
+            partial = {"benchmark": name, "machine": machine, "hidden": HIDDEN, "ffn": FFN, "runs": runs + [run]}
             common.write_json(out.with_name(f"{out.stem}.partial.json"), partial)  # survives an interrupted suite
         runs.append(run)
-    data = {"benchmark": "layer", "machine": machine, "hidden": HIDDEN, "ffn": FFN, "runs": runs}
+    data = {"benchmark": name, "command": command, "machine": machine, "hidden": HIDDEN, "ffn": FFN, "runs": runs}
     data["machine"]["load_average_at_end"] = os.getloadavg()
     if args.merge and out.exists():
         data = merge_runs(common.read_json(out), data)
+        data["reruns"][-1]["command"] = command
     common.write_json(out, data)
     out.with_name(f"{out.stem}.partial.json").unlink(missing_ok=True)
     import report
 
-    report.write_layer_report(out)
+    report.main([str(out)])  # picks the report from data["benchmark"]
 
 
 def main(argv: Optional[list[str]] = None) -> None:

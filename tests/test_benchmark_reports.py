@@ -49,3 +49,14 @@ def test_paired_table_pairs_each_seed_with_copy_and_ffn() -> None:
     assert rows["ffn"].endswith("| -0.100 +- 0.000 | 0 |")
     with pytest.raises(KeyError):
         specialisation.paired_table([run(100, {"copy": [(0.9, 1.0)]})])  # no FFN reference: no loss pairing
+
+
+def test_layer_benchmark_files_aux_gather_runs_under_the_aux_gather_report() -> None:
+    """A committed results file regenerates with one command: its name picks the report (no hand edits)."""
+    import layer
+    import report
+
+    assert layer.report_name(["mpoe", "mpoe_aux", "ds"]) == "aux_gather_layer"
+    assert layer.report_name(["mpoe", "ds", "ffn"]) == "layer"
+    data = common.read_json(ROOT / "benchmarks" / "results" / "aux_gather_layer.json")
+    assert data["benchmark"] == "aux_gather_layer" and hasattr(report, "write_aux_gather_report")
