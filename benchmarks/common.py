@@ -139,7 +139,13 @@ def add_worker_args(parser: Any) -> None:
 def dispatch(args: Any, worker: Callable[[Any], None], driver: Callable[[Any], None]) -> None:
     """A benchmark's entry point: ``worker(args)`` in a rank :func:`launch` started (``--worker``),
     else ``driver(args)``, which launches the ranks and writes the results."""
-    (worker if args.worker else driver)(args)
+    if not args.worker:
+        driver(args)
+        return
+    from mpomoe_ds import parallel
+
+    worker(args)
+    parallel.shutdown()  # else a rank can abort at exit after writing its results (see parallel.shutdown)
 
 
 def init_worker(threads: Optional[int] = None):
