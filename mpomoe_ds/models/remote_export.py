@@ -50,28 +50,43 @@ class RemoteFamily:
     :mod:`mpomoe_ds.models.families`), ``wrapper`` the shared-source class taking
     its place, ``keep_dropout`` whether that FFN's own dropout follows the MoE (as
     :class:`mpomoe_ds.models.wrappers.MoEMLP` keeps it), ``identities`` block
-    attributes that become identities, ``config`` the transformers config class
-    extended and ``models`` the transformers model classes that can be exported.
+    attributes that become identities, and ``architectures`` maps each transformers
+    config class that is extended to the model classes of that config that can be
+    exported (the BERT family's RoBERTa, XLM-R and ELECTRA share BERT's block layout).
     """
 
-    config: str
-    models: tuple[str, ...]
+    architectures: dict[str, tuple[str, ...]]
     ffn: str
     wrapper: str = "MoEMLP"
     keep_dropout: bool = False
     identities: tuple[str, ...] = ()
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(m for models in self.architectures.values() for m in models)
 
-_T5 = RemoteFamily("T5Config", ("T5Model", "T5ForConditionalGeneration", "T5EncoderModel"), ffn="DenseReluDense")
+    def config_of(self, model_class: str) -> str:
+        """The transformers config class ``model_class`` is built from."""
+        return next(config for config, models in self.architectures.items() if model_class in models)
+
+
+def _heads(prefix: str, *suffixes: str) -> tuple[str, ...]:
+    return tuple(prefix + suffix for suffix in suffixes)
+
+
+_ENCODER_HEADS = ("Model", "ForSequenceClassification", "ForMaskedLM")
+_T5 = RemoteFamily({"T5Config": _heads("T5", "Model", "ForConditionalGeneration", "EncoderModel")},
+                   ffn="DenseReluDense")
 
 # adapter name (mpomoe_ds.models.families) -> how the remote file rebuilds it
 REMOTE_FAMILIES: dict[str, RemoteFamily] = {
-    "bert": RemoteFamily("BertConfig", ("BertModel", "BertForSequenceClassification", "BertForMaskedLM"),
+    "bert": RemoteFamily({f"{name}Config": _heads(name, *_ENCODER_HEADS)
+                          for name in ("Bert", "Roberta", "XLMRoberta", "Electra")},
                          ffn="output", wrapper="BertMoEOutput", identities=("intermediate",)),
-    "gpt2": RemoteFamily("GPT2Config", ("GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+    "gpt2": RemoteFamily({"GPT2Config": _heads("GPT2", "Model", "LMHeadModel", "ForSequenceClassification")},
                          ffn="mlp", keep_dropout=True),
-    "distilbert": RemoteFamily("DistilBertConfig", ("DistilBertModel", "DistilBertForSequenceClassification",
-                                                    "DistilBertForMaskedLM"), ffn="ffn", keep_dropout=True),
+    "distilbert": RemoteFamily({"DistilBertConfig": _heads("DistilBert", *_ENCODER_HEADS)}, ffn="ffn",
+                               keep_dropout=True),
     "t5": _T5,
     "t5-gated": _T5,
 }
@@ -108,15 +123,16 @@ def supported_classes() -> list[str]:
 def modeling_source(family: str, model_class: str) -> str:
     """The ``modeling_mpomoe.py`` text for ``model_class`` of ``family``: shared source + family part."""
     fam = REMOTE_FAMILIES[family]
-    part = FAMILY_PART.format(family=family, config=fam.config, model=model_class,
-                              remote_config=_remote_config_name(fam), model_type=_model_type(family),
+    config = fam.config_of(model_class)
+    part = FAMILY_PART.format(family=family, config=config, model=model_class,
+                              remote_config=_remote_config_name(config), model_type=_model_type(family),
                               remote_model=_remote_model_name(model_class), ffn=fam.ffn, wrapper=fam.wrapper,
                               keep_dropout=fam.keep_dropout, identities=fam.identities)
     return SHARED_SOURCE.read_text() + part
 
 
-def _remote_config_name(fam: RemoteFamily) -> str:
-    return "MPOE" + fam.config
+def _remote_config_name(config_class: str) -> str:
+    return "MPOE" + config_class
 
 
 def _remote_model_name(model_class: str) -> str:
@@ -170,7 +186,7 @@ def save_remote_code(model: nn.Module, out_dir: Union[str, Path]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config.update(model_type=_model_type(spec.family), architectures=[_remote_model_name(name)],
-                  auto_map=auto_map(name, _remote_config_name(fam)),
+                  auto_map=auto_map(name, _remote_config_name(fam.config_of(name))),
                   mpomoe={"family": spec.family, "blocks": [w.block_name for _, w in moe_wrappers(model)],
                           "num_experts": spec.moe.num_experts, "k": spec.moe.k,
                           "gate_weighting": spec.moe.gate_weighting, "activation": spec.moe.activation,

@@ -3,7 +3,8 @@
 Shared by the single-process family tests (``tests/models/test_families.py``)
 and the 2-rank worker (``tests/dist/families_worker.py``), so both convert the
 same models. Widths 32 / 64 factor into 5 MPO cores (2^5, 2^6); ``minilm`` is
-the real packaged all-MiniLM-L6-v2.
+the real packaged all-MiniLM-L6-v2; RoBERTa, XLM-R and ELECTRA are the other
+BERT-family encoders the ``bert`` adapter claims.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hi
 
 T5 = dict(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
           decoder_start_token_id=0, pad_token_id=0)
+
+# BERT-family encoders (hidden 32, FFN 64); RoBERTa-style position ids start after padding_idx 1
+BERT_LIKE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                 initializer_range=0.2)  # large enough weights that a misrouted token shows in the logits
 
 GPT2 = dict(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64, bos_token_id=0,
             eos_token_id=0)
@@ -65,12 +71,20 @@ CASES: dict[str, tuple[Callable[[int], torch.nn.Module], bool]] = {
                                                                   num_labels=3, initializer_range=0.2),
                                     transformers.DistilBertForSequenceClassification, s), False),
     "minilm": (_minilm, False),
+    "roberta-seq-cls": (lambda s: _build(transformers.RobertaConfig(**BERT_LIKE, num_labels=3, pad_token_id=1),
+                                         transformers.RobertaForSequenceClassification, s), False),
+    "xlm-roberta": (lambda s: _build(transformers.XLMRobertaConfig(**BERT_LIKE, pad_token_id=1),
+                                     transformers.XLMRobertaModel, s), False),
+    # embedding_size 16 < hidden 32: ELECTRA's embeddings_project runs before the encoder
+    "electra-mlm": (lambda s: _build(transformers.ElectraConfig(**BERT_LIKE, embedding_size=16),
+                                     transformers.ElectraForMaskedLM, s), False),
 }
 
 # family adapter each case must be converted with
 FAMILY_OF = {"llama-causal-lm": "llama", "llama-seq-cls": "llama", "mistral": "llama", "qwen2": "llama",
              "qwen3": "llama", "t5-relu": "t5", "t5-gated-gelu": "t5-gated", "t5-encoder": "t5-gated", "gpt2": "gpt2",
-             "gpt2-seq-cls": "gpt2", "distilbert": "distilbert", "minilm": "bert"}
+             "gpt2-seq-cls": "gpt2", "distilbert": "distilbert", "minilm": "bert", "roberta-seq-cls": "bert",
+             "xlm-roberta": "bert", "electra-mlm": "bert"}
 
 
 def build(case: str, seed: int = 0) -> torch.nn.Module:

@@ -96,7 +96,8 @@ def test_gated_experts_hold_three_matrices_and_share_one_central_tensor_each(one
 
 @pytest.mark.parametrize("expert_type", ["mpo", "ffn"])
 def test_two_expert_parallel_ranks_keep_every_familys_logits(tmp_path, expert_type):
-    cases = ["llama-causal-lm", "mistral", "qwen2", "qwen3", "t5-relu", "t5-gated-gelu", "t5-encoder", "gpt2"]
+    cases = ["llama-causal-lm", "mistral", "qwen2", "qwen3", "t5-relu", "t5-gated-gelu", "t5-encoder", "gpt2",
+             "roberta-seq-cls", "electra-mlm"]
     if expert_type == "mpo":
         cases.append("minilm")
     ranks = run_two_ranks(WORKER, ["--cases", ",".join(cases), "--expert-type", expert_type], tmp_path / "r")

@@ -1,7 +1,8 @@
 """Remote-code exports load in plain transformers, without mpomoe_ds, and give the converted model's outputs.
 
-Every family without a native MoE class (BERT as the real MiniLM, GPT-2 and its classification head,
-DistilBERT, T5 1.0 / 1.1 with and without the decoder), tiny random models from ``tests/dist/family_zoo.py``.
+Every family without a native MoE class (BERT as the real MiniLM, RoBERTa, XLM-R and ELECTRA, GPT-2 and its
+classification head, DistilBERT, T5 1.0 / 1.1 with and without the decoder), tiny random models from
+``tests/dist/family_zoo.py``.
 One fresh interpreter (no PYTHONPATH, mpomoe_ds asserted absent from ``sys.modules``) loads every folder
 with ``<Auto class>.from_pretrained(folder, trust_remote_code=True)``; outputs must match to 1e-4 (fp32).
 """
@@ -64,6 +65,9 @@ CASES = {
     "t5-gated-gelu": ("AutoModelForSeq2SeqLM", dict(k=2, layers="every_other")),
     "t5-encoder": ("AutoModel", dict(k=2)),
     "minilm": ("AutoModel", dict(k=2, layers="every_other")),
+    "roberta-seq-cls": ("AutoModelForSequenceClassification", dict(k=2)),
+    "xlm-roberta": ("AutoModel", dict(k=1, layers=[1])),
+    "electra-mlm": ("AutoModelForMaskedLM", dict(k=2, gate_weighting="normalized")),
 }
 
 
