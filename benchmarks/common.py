@@ -458,9 +458,13 @@ def paste_into_readme(md_path: Path, readme: Path = README) -> bool:
     """Put ``md_path``'s text between ``<!-- NAME -->`` and ``<!-- end NAME -->`` in the README (NAME its file name).
 
     So that a README table is always the script's own output, never a hand
-    copy. Returns False (and changes nothing) when the README has no such markers.
+    copy. Returns False (and changes nothing) when the README has no such
+    markers, or when ``md_path`` is not in ``benchmarks/results`` (a smoke run
+    with ``--out /tmp/...`` must not overwrite the committed numbers).
     """
     md_path, readme = Path(md_path), Path(readme)
+    if md_path.resolve().parent != RESULTS.resolve() and readme == README:
+        return False
     start, end = f"<!-- {md_path.name} -->", f"<!-- end {md_path.name} -->"
     text = readme.read_text()
     if start not in text or end not in text:

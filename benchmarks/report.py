@@ -296,6 +296,7 @@ def write_report(json_path: Path, tables: Callable[[dict[str, Any]], str],
     data = common.read_json(json_path)
     md, png = json_path.with_suffix(".md"), json_path.with_suffix(".png")
     md.write_text(tables(data))
+    common.paste_into_readme(md)
     fig, axes = plt.subplots(1, 2, figsize=figsize)
     plot(data, axes)
     fig.suptitle(common.machine_line(data["machine"]), fontsize=8)

@@ -60,3 +60,13 @@ def test_layer_benchmark_files_aux_gather_runs_under_the_aux_gather_report() -> 
     assert layer.report_name(["mpoe", "ds", "ffn"]) == "layer"
     data = common.read_json(ROOT / "benchmarks" / "results" / "aux_gather_layer.json")
     assert data["benchmark"] == "aux_gather_layer" and hasattr(report, "write_aux_gather_report")
+
+
+def test_a_smoke_run_outside_results_never_pastes_into_the_real_readme(tmp_path: Path) -> None:
+    """``--out /tmp/x/aux_gather_layer.json`` writes its own .md; the committed README keeps its numbers."""
+    md = tmp_path / "aux_gather_layer.md"  # a name the README has markers for
+    md.write_text("| smoke |\n")
+    before = common.README.read_text()
+    assert "<!-- aux_gather_layer.md -->" in before
+    assert not common.paste_into_readme(md)
+    assert common.README.read_text() == before
