@@ -31,6 +31,10 @@ from mpomoe_ds.training.run_config import RunConfig
 FROZEN_ON_RESUME = ("model", "moe", "mpo", "optim", "omoe", "data")
 LAYOUT_KEYS = ("moe.ep_size",)  # where tensors live, not what they are: a resume may change it (resharding)
 POSITION_FIELDS = ("max_position_embeddings", "n_positions")
+# Encoders whose position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids):
+# roberta-base's 514 position embeddings hold 512 tokens.
+PADDING_OFFSET_POSITION_TYPES = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
+                                 "data2vec-text")
 
 
 def check_before_build(config: RunConfig, ds_config: dict[str, Any]) -> None:
@@ -96,15 +100,18 @@ def read_model_config(config: RunConfig) -> Any:
 
 
 def model_positions(model_config: Any) -> Optional[int]:
-    """The model's number of position embeddings (None if it has no such limit)."""
-    return next((int(getattr(model_config, f)) for f in POSITION_FIELDS if getattr(model_config, f, None)), None)
+    """How many token positions the model can embed (None if it has no such limit)."""
+    table = next((int(getattr(model_config, f)) for f in POSITION_FIELDS if getattr(model_config, f, None)), None)
+    if table is not None and getattr(model_config, "model_type", None) in PADDING_OFFSET_POSITION_TYPES:
+        return table - (int(getattr(model_config, "pad_token_id", None) or 0) + 1)
+    return table
 
 
 def check_positions(config: RunConfig, model_config: Any) -> None:
     positions = model_positions(model_config)
     if positions is not None and config.data.max_seq_len > positions:
         raise ConfigError(f"data.max_seq_len={config.data.max_seq_len}: the model {config.model.name_or_path!r} "
-                          f"has {positions} position embeddings; use data.max_seq_len <= {positions}")
+                          f"embeds at most {positions} positions; use data.max_seq_len <= {positions}")
 
 
 def check_document_masking(config: RunConfig, model_config: Any) -> None:

@@ -153,7 +153,8 @@ def _too_late(*args, **kwargs):
     raise AssertionError("data or model work started before the bad input was reported")
 
 
-@pytest.mark.parametrize("case", ["zero3", "output_dir", "max_seq_len", "train_file", "corpus", "document_masking"])
+@pytest.mark.parametrize("case", ["zero3", "output_dir", "max_seq_len", "roberta_positions", "train_file", "corpus",
+                                  "document_masking"])
 def test_bad_input_fails_before_any_data_or_model_work(tmp_path, monkeypatch, case):
     from mpomoe_ds.cli.train import run as train_cli
     from mpomoe_ds.training import trainer
@@ -170,7 +171,16 @@ def test_bad_input_fails_before_any_data_or_model_work(tmp_path, monkeypatch, ca
         match = "train.output_dir=.*a_file/out.* is not writable.*--output_dir"
     elif case == "max_seq_len":
         config["data"]["max_seq_len"] = 1024
-        match = r"data.max_seq_len=1024: .* 512 position embeddings; use data.max_seq_len <= 512"
+        match = r"data.max_seq_len=1024: .* embeds at most 512 positions; use data.max_seq_len <= 512"
+    elif case == "roberta_positions":  # position ids start after padding_idx 1: 34 embeddings hold 32 tokens
+        import transformers
+
+        transformers.RobertaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, max_position_embeddings=34,
+                                   pad_token_id=1).save_pretrained(tmp_path / "roberta")
+        config["model"].update(name_or_path=str(tmp_path / "roberta"), tokenizer="minilm", random_init=True)
+        config["data"]["max_seq_len"] = 33
+        match = r"data.max_seq_len=33: .* embeds at most 32 positions; use data.max_seq_len <= 32"
     elif case == "train_file":
         config["data"]["tasks"] = [{"name": "sst2", "train_file": str(tmp_path / "nope.csv")}]
         match = r"data.tasks\[0\].train_file=.*nope.csv.*no such file"
