@@ -249,13 +249,21 @@ def kill_rank_when(out: Path, ready, cmd: list[str]) -> None:
     assert not (out / "metrics.json").exists()  # killed before the end
 
 
+def logged_steps_at_least(steps: int):
+    """A readiness check for :func:`kill_rank_when`: the run's train log holds ``steps`` lines."""
+    def ready(out: Path) -> bool:
+        log = out / "train_log.jsonl"
+        return log.is_file() and len(log.read_text().splitlines()) >= steps
+    return ready
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("when", ["mid_run", "during_save"])
 def test_kill_9_of_a_rank_then_resume_gives_the_uninterrupted_losses(straight_run, tmp_path, when):
     straight, run, ds = straight_run
     out = tmp_path / "killed"
     if when == "mid_run":  # after step 3 was logged (step 2 saved)
-        ready = lambda o: (o / "train_log.jsonl").is_file() and len((o / "train_log.jsonl").read_text().splitlines()) >= 3  # noqa: E731
+        ready = logged_steps_at_least(3)
     else:  # the moment step 4's folder appears: DeepSpeed is writing it
         ready = lambda o: (o / "checkpoints" / "step4").is_dir()  # noqa: E731
     kill_rank_when(out, ready, deepspeed_cmd(run, ds, f"train.output_dir={out}"))
