@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from mpomoe_ds import parallel
 
-from conftest import ROOT, run_two_ranks
+from conftest import ROOT, dist_env, free_port, run_two_ranks
 
 WORKER = ROOT / "tests" / "dist" / "parallel_worker.py"
 
@@ -63,11 +66,6 @@ def test_two_rank_gloo_collectives_take_and_return_cuda_tensors(tmp_path):
 
 def test_shutdown_destroys_the_process_group_once_and_is_a_no_op_after(tmp_path):
     """In a fresh process (the suite's own group must stay): a gloo world of one is gone after shutdown()."""
-    import subprocess
-    import sys
-
-    from conftest import dist_env, free_port
-
     script = (
         "import torch.distributed as dist\n"
         "from mpomoe_ds import parallel\n"

@@ -33,12 +33,11 @@ TEST_NET = "203.0.113.1"  # RFC 5737 documentation address: never routed
 
 
 def launch_env(**extra: str) -> dict[str, str]:
-    """The test environment minus DS_ACCELERATOR (--cpu must set it), with this venv's tools on PATH."""
+    """The test environment minus DS_ACCELERATOR (--cpu must set it); conftest put this venv's tools first on PATH."""
     env = dist_env()
     env.pop("DS_ACCELERATOR", None)
     for name in ("MASTER_ADDR", "MASTER_PORT", "MPOMOE_CPU", "MPOMOE_DRY_RUN", "CUDA_VISIBLE_DEVICES"):
         env.pop(name, None)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["MPOMOE_PYTHON"] = sys.executable
     env.update(extra)
     return env
